@@ -1,0 +1,199 @@
+// CPU launcher of multi-scale deformable attention: at::parallel_for over the shared
+// per-sample arithmetic of ms_deform_attn_kernel.h.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "ms_deform_attn.h"
+#include "ms_deform_attn_kernel.h"
+
+namespace codetr {
+namespace msda {
+namespace {
+
+// Forward: parallel over (batch, query) blocks, heads inner. Each sample's corner weights
+// are computed once and applied to all D channels in a loop the compiler vectorizes.
+// Corners outside the map point at a row of zeros with weight 0, so the channel loop
+// has no branches (and an inf/nan elsewhere in `value` cannot leak in as 0 * inf).
+template <typename scalar_t>
+void forward_kernel(const Dims& d, const scalar_t* value, const int64_t* shapes,
+                    const int64_t* starts, const acc_type<scalar_t>* loc,
+                    const acc_type<scalar_t>* attn, scalar_t* out) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t row = d.M * d.D;  // stride between two positions of value
+  const int64_t samples = d.M * d.L * d.P;
+  const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(1, samples));
+  at::parallel_for(0, d.N * d.Q, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc_buf(d.D);
+    const std::vector<scalar_t> zero(d.D, scalar_t(0));
+    acc_t* __restrict acc = acc_buf.data();
+    for (int64_t nq = begin; nq < end; ++nq) {
+      const scalar_t* value_n = value + (nq / d.Q) * d.S * row;
+      for (int64_t m = 0; m < d.M; ++m) {
+        std::fill(acc, acc + d.D, acc_t(0));
+        const scalar_t* value_nm = value_n + m * d.D;
+        int64_t k = (nq * d.M + m) * d.L * d.P;  // flat index of sample (n, q, m, l, p)
+        for (int64_t l = 0; l < d.L; ++l) {
+          const int64_t H = shapes[2 * l], W = shapes[2 * l + 1];
+          const scalar_t* level = value_nm + starts[l] * row;
+          for (int64_t p = 0; p < d.P; ++p, ++k) {
+            const Sample<acc_t> s = make_sample(loc[2 * k], loc[2 * k + 1], H, W);
+            if (!s.inside) continue;
+            const acc_t a = attn[k];
+            const scalar_t* r[4];
+            acc_t w[4];
+            for (int c = 0; c < 4; ++c) {
+              r[c] = s.pixel[c] >= 0 ? level + s.pixel[c] * row : zero.data();
+              w[c] = a * s.weight[c];
+            }
+            const scalar_t* __restrict r0 = r[0];
+            const scalar_t* __restrict r1 = r[1];
+            const scalar_t* __restrict r2 = r[2];
+            const scalar_t* __restrict r3 = r[3];
+            for (int64_t c = 0; c < d.D; ++c) {
+              acc[c] += w[0] * static_cast<acc_t>(r0[c]) + w[1] * static_cast<acc_t>(r1[c]) +
+                        w[2] * static_cast<acc_t>(r2[c]) + w[3] * static_cast<acc_t>(r3[c]);
+            }
+          }
+        }
+        scalar_t* o = out + nq * row + m * d.D;
+        for (int64_t c = 0; c < d.D; ++c) o[c] = static_cast<scalar_t>(acc[c]);
+      }
+    }
+  });
+}
+
+// Backward: parallel over (batch, head) pairs. A pair owns its slice value[n, :, m, :],
+// so every grad_value element is written by one thread, in query order: the result is
+// bitwise identical whatever the number of threads, with no atomics and no private copies.
+template <typename scalar_t>
+void backward_kernel(const Dims& d, const scalar_t* grad_out, const scalar_t* value,
+                     const int64_t* shapes, const int64_t* starts, const acc_type<scalar_t>* loc,
+                     const acc_type<scalar_t>* attn, acc_type<scalar_t>* grad_value,
+                     acc_type<scalar_t>* grad_loc, acc_type<scalar_t>* grad_attn) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t row = d.M * d.D;
+  at::parallel_for(0, d.N * d.M, 1, [&](int64_t begin, int64_t end) {
+    const std::vector<scalar_t> zero(d.D, scalar_t(0));
+    for (int64_t nm = begin; nm < end; ++nm) {
+      const int64_t n = nm / d.M, m = nm % d.M;
+      const scalar_t* value_nm = value + n * d.S * row + m * d.D;
+      acc_t* grad_value_nm = grad_value + n * d.S * row + m * d.D;
+      for (int64_t q = 0; q < d.Q; ++q) {
+        const scalar_t* __restrict g = grad_out + (n * d.Q + q) * row + m * d.D;
+        int64_t k = ((n * d.Q + q) * d.M + m) * d.L * d.P;
+        for (int64_t l = 0; l < d.L; ++l) {
+          const int64_t H = shapes[2 * l], W = shapes[2 * l + 1];
+          const int64_t level = starts[l] * row;
+          for (int64_t p = 0; p < d.P; ++p, ++k) {
+            const Sample<acc_t> s = make_sample(loc[2 * k], loc[2 * k + 1], H, W);
+            if (!s.inside) continue;  // grad_loc and grad_attn stay 0
+            const acc_t a = attn[k];
+            const scalar_t* __restrict r0 =
+                s.pixel[0] >= 0 ? value_nm + level + s.pixel[0] * row : zero.data();
+            const scalar_t* __restrict r1 =
+                s.pixel[1] >= 0 ? value_nm + level + s.pixel[1] * row : zero.data();
+            const scalar_t* __restrict r2 =
+                s.pixel[2] >= 0 ? value_nm + level + s.pixel[2] * row : zero.data();
+            const scalar_t* __restrict r3 =
+                s.pixel[3] >= 0 ? value_nm + level + s.pixel[3] * row : zero.data();
+            acc_t ga = 0, gw = 0, gh = 0;
+#pragma omp simd reduction(+ : ga, gw, gh)
+            for (int64_t c = 0; c < d.D; ++c) {
+              accumulate_grad(s, static_cast<acc_t>(g[c]), static_cast<acc_t>(r0[c]),
+                              static_cast<acc_t>(r1[c]), static_cast<acc_t>(r2[c]),
+                              static_cast<acc_t>(r3[c]), ga, gw, gh);
+            }
+            grad_attn[k] = ga;
+            grad_loc[2 * k] = location_grad(a, gw, W);
+            grad_loc[2 * k + 1] = location_grad(a, gh, H);
+            for (int corner = 0; corner < 4; ++corner) {
+              if (s.pixel[corner] < 0) continue;
+              const acc_t coef = a * s.weight[corner];
+              acc_t* __restrict gv = grad_value_nm + level + s.pixel[corner] * row;
+              for (int64_t c = 0; c < d.D; ++c) gv[c] += coef * static_cast<acc_t>(g[c]);
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+at::Tensor ms_deform_attn_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                              const at::Tensor& level_start_index,
+                              const at::Tensor& sampling_locations,
+                              const at::Tensor& attention_weights) {
+  const Dims d = check_inputs("ms_deform_attn", value, spatial_shapes, level_start_index,
+                              sampling_locations, attention_weights);
+  auto out = at::empty({d.N, d.Q, d.M * d.D}, value.options());
+  if (out.numel() == 0) return out;
+  if (d.S == 0 || d.L == 0 || d.P == 0) return out.zero_();
+  const auto v = value.contiguous();
+  const auto shapes = spatial_shapes.contiguous();
+  const auto starts = level_start_index.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(),
+                                  "ms_deform_attn_cpu", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
+    const auto loc = sampling_locations.to(acc_dtype).contiguous();
+    const auto attn = attention_weights.to(acc_dtype).contiguous();
+    forward_kernel<scalar_t>(d, v.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(),
+                             starts.data_ptr<int64_t>(), loc.data_ptr<acc_t>(),
+                             attn.data_ptr<acc_t>(), out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,
+    const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+    const at::Tensor& attention_weights) {
+  const char* op = "ms_deform_attn_backward";
+  const Dims d = check_inputs(op, value, spatial_shapes, level_start_index, sampling_locations,
+                              attention_weights);
+  check_grad_output(op, grad_output, value, d);
+  auto grad_value = at::zeros_like(value, at::MemoryFormat::Contiguous);
+  auto grad_loc = at::zeros_like(sampling_locations, at::MemoryFormat::Contiguous);
+  auto grad_attn = at::zeros_like(attention_weights, at::MemoryFormat::Contiguous);
+  if (grad_output.numel() == 0 || d.S == 0 || d.L == 0 || d.P == 0)
+    return {grad_value, grad_loc, grad_attn};
+  const auto g = grad_output.contiguous();
+  const auto v = value.contiguous();
+  const auto shapes = spatial_shapes.contiguous();
+  const auto starts = level_start_index.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(),
+                                  "ms_deform_attn_backward_cpu", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
+    const auto loc = sampling_locations.to(acc_dtype).contiguous();
+    const auto attn = attention_weights.to(acc_dtype).contiguous();
+    // Gradients accumulate in acc_t (fp32 for half/bf16 value) and are cast at the end.
+    auto grad_value_acc = grad_value.scalar_type() == acc_dtype
+                              ? grad_value
+                              : at::zeros(value.sizes(), value.options().dtype(acc_dtype));
+    auto grad_loc_acc = grad_loc.to(acc_dtype);
+    auto grad_attn_acc = grad_attn.to(acc_dtype);
+    backward_kernel<scalar_t>(d, g.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+                              shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
+                              loc.data_ptr<acc_t>(), attn.data_ptr<acc_t>(),
+                              grad_value_acc.data_ptr<acc_t>(), grad_loc_acc.data_ptr<acc_t>(),
+                              grad_attn_acc.data_ptr<acc_t>());
+    if (!grad_value_acc.is_same(grad_value)) grad_value.copy_(grad_value_acc);
+    if (!grad_loc_acc.is_same(grad_loc)) grad_loc.copy_(grad_loc_acc);
+    if (!grad_attn_acc.is_same(grad_attn)) grad_attn.copy_(grad_attn_acc);
+  });
+  return {grad_value, grad_loc, grad_attn};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(codetr, CPU, m) {
+  m.impl("ms_deform_attn", &ms_deform_attn_cpu);
+  m.impl("ms_deform_attn_backward", &ms_deform_attn_backward_cpu);
+}
+
+}  // namespace msda
+}  // namespace codetr

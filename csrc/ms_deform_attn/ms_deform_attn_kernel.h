@@ -1,0 +1,112 @@
+// Per-sample arithmetic of multi-scale deformable attention, shared by the CPU loop and
+// the CUDA kernel (DESIGN.md section 3): the CPU tests execute exactly this math.
+//
+// Convention (Deformable DETR, identical to grid_sample with align_corners=False and zero
+// padding): a normalised location (x, y) in [0, 1] maps to the pixel coordinate
+// (x * W - 0.5, y * H - 0.5); the value is bilinearly interpolated between the four
+// neighbouring pixel centres, and corners outside the map contribute zero.
+#pragma once
+
+#include "../common/common.h"
+
+#if !defined(__CUDACC__)
+#include <cmath>
+#endif
+
+namespace codetr {
+namespace msda {
+
+template <typename T>
+CODETR_HOST_DEVICE T floor_(T x) {
+#if defined(__CUDA_ARCH__)
+  return floor(x);
+#else
+  return std::floor(x);
+#endif
+}
+
+// One bilinear sample on one level. Corner c in {0: (h_low, w_low), 1: (h_low, w_high),
+// 2: (h_high, w_low), 3: (h_high, w_high)}; `pixel[c]` is y * W + x within the level, or
+// -1 when the corner lies outside the map (its weight is then 0).
+template <typename acc_t>
+struct Sample {
+  int64_t pixel[4];
+  acc_t weight[4];
+  // Fractional parts and their complements, kept for the coordinate gradient.
+  acc_t lh, lw, hh, hw;
+  bool inside;  // false: no corner is inside the map, the sample contributes nothing
+};
+
+template <typename acc_t>
+CODETR_HOST_DEVICE Sample<acc_t> make_sample(acc_t loc_x, acc_t loc_y, int64_t H, int64_t W) {
+  Sample<acc_t> s;
+  const acc_t h_im = loc_y * static_cast<acc_t>(H) - acc_t(0.5);
+  const acc_t w_im = loc_x * static_cast<acc_t>(W) - acc_t(0.5);
+  // Written so that NaN coordinates fail the test (floor(NaN) -> int64 is undefined).
+  // h_im == -1 is kept: the corner at row 0 then has weight 0 but a non-zero gradient,
+  // exactly as in grid_sample.
+  s.inside = (h_im >= acc_t(-1) && w_im >= acc_t(-1) && h_im < static_cast<acc_t>(H) &&
+              w_im < static_cast<acc_t>(W));
+  if (!s.inside) {
+    for (int c = 0; c < 4; ++c) {
+      s.pixel[c] = -1;
+      s.weight[c] = acc_t(0);
+    }
+    s.lh = s.lw = s.hh = s.hw = acc_t(0);
+    return s;
+  }
+  const acc_t h_floor = floor_(h_im);
+  const acc_t w_floor = floor_(w_im);
+  const int64_t h_low = static_cast<int64_t>(h_floor);
+  const int64_t w_low = static_cast<int64_t>(w_floor);
+  const int64_t h_high = h_low + 1;
+  const int64_t w_high = w_low + 1;
+  s.lh = h_im - h_floor;
+  s.lw = w_im - w_floor;
+  s.hh = acc_t(1) - s.lh;
+  s.hw = acc_t(1) - s.lw;
+  const bool top = h_low >= 0, bottom = h_high <= H - 1;
+  const bool left = w_low >= 0, right = w_high <= W - 1;
+  s.pixel[0] = (top && left) ? h_low * W + w_low : -1;
+  s.pixel[1] = (top && right) ? h_low * W + w_high : -1;
+  s.pixel[2] = (bottom && left) ? h_high * W + w_low : -1;
+  s.pixel[3] = (bottom && right) ? h_high * W + w_high : -1;
+  s.weight[0] = s.pixel[0] >= 0 ? s.hh * s.hw : acc_t(0);
+  s.weight[1] = s.pixel[1] >= 0 ? s.hh * s.lw : acc_t(0);
+  s.weight[2] = s.pixel[2] >= 0 ? s.lh * s.hw : acc_t(0);
+  s.weight[3] = s.pixel[3] >= 0 ? s.lh * s.lw : acc_t(0);
+  return s;
+}
+
+// Interpolated value of one channel, given the four corner values (0 outside the map).
+template <typename acc_t>
+CODETR_HOST_DEVICE acc_t interpolate(const Sample<acc_t>& s, acc_t v0, acc_t v1, acc_t v2,
+                                     acc_t v3) {
+  return s.weight[0] * v0 + s.weight[1] * v1 + s.weight[2] * v2 + s.weight[3] * v3;
+}
+
+// Backward of one channel of one sample. g is the upstream gradient of that channel of
+// the output; v0..v3 the corner values (0 outside the map). Adds to
+//   grad_attn  d out / d attention_weight      = g * interpolated value
+//   grad_w_im  d out / d pixel x (before * a)  = g * (hh (v1 - v0) + lh (v3 - v2))
+//   grad_h_im  d out / d pixel y (before * a)  = g * (hw (v2 - v0) + lw (v3 - v1))
+// The gradient that goes to each corner of `value` is a * weight[c] * g (see
+// value_grad_weight), so it is not computed here.
+template <typename acc_t>
+CODETR_HOST_DEVICE void accumulate_grad(const Sample<acc_t>& s, acc_t g, acc_t v0, acc_t v1,
+                                        acc_t v2, acc_t v3, acc_t& grad_attn, acc_t& grad_w_im,
+                                        acc_t& grad_h_im) {
+  grad_attn += g * interpolate(s, v0, v1, v2, v3);
+  grad_w_im += g * (s.hh * (v1 - v0) + s.lh * (v3 - v2));
+  grad_h_im += g * (s.hw * (v2 - v0) + s.lw * (v3 - v1));
+}
+
+// Chain rule from pixel coordinates back to the normalised location:
+// pixel = loc * size - 0.5, and the output is scaled by the attention weight a.
+template <typename acc_t>
+CODETR_HOST_DEVICE acc_t location_grad(acc_t a, acc_t grad_pixel, int64_t size) {
+  return a * grad_pixel * static_cast<acc_t>(size);
+}
+
+}  // namespace msda
+}  // namespace codetr
