@@ -13,53 +13,66 @@ namespace codetr {
 namespace msda {
 namespace {
 
-// Forward: parallel over (batch, query) blocks, heads inner. Each sample's corner weights
-// are computed once and applied to all D channels in a loop the compiler vectorizes.
-// Corners outside the map point at a row of zeros with weight 0, so the channel loop
-// has no branches (and an inf/nan elsewhere in `value` cannot leak in as 0 * inf).
+// Forward: parallel over (batch, block of queries); inside a block, head, then level, then
+// query, so that consecutive queries (whose samples are near each other) reuse the cache
+// lines of one head's channels on one level instead of streaming all heads' rows of all
+// levels. Each sample's corner
+// weights are computed once and applied to all D channels in a loop the compiler
+// vectorizes. Corners outside the map point at a row of zeros with weight 0, so the
+// channel loop has no branches (and an inf elsewhere in `value` cannot leak in as 0 * inf).
 template <typename scalar_t>
 void forward_kernel(const Dims& d, const scalar_t* value, const int64_t* shapes,
                     const int64_t* starts, const acc_type<scalar_t>* loc,
                     const acc_type<scalar_t>* attn, scalar_t* out) {
   using acc_t = acc_type<scalar_t>;
+  constexpr int64_t kBlock = 64;
   const int64_t row = d.M * d.D;  // stride between two positions of value
-  const int64_t samples = d.M * d.L * d.P;
-  const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(1, samples));
-  at::parallel_for(0, d.N * d.Q, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc_buf(d.D);
+  const int64_t blocks = (d.Q + kBlock - 1) / kBlock;
+  at::parallel_for(0, d.N * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc_buf(kBlock * d.D);  // accumulators of the block's queries
     const std::vector<scalar_t> zero(d.D, scalar_t(0));
-    acc_t* __restrict acc = acc_buf.data();
-    for (int64_t nq = begin; nq < end; ++nq) {
-      const scalar_t* value_n = value + (nq / d.Q) * d.S * row;
+    acc_t* acc = acc_buf.data();
+    for (int64_t nb = begin; nb < end; ++nb) {
+      const int64_t n = nb / blocks;
+      const int64_t q_begin = (nb % blocks) * kBlock;
+      const int64_t q_end = std::min(q_begin + kBlock, d.Q);
+      const int64_t nq = q_end - q_begin;
       for (int64_t m = 0; m < d.M; ++m) {
-        std::fill(acc, acc + d.D, acc_t(0));
-        const scalar_t* value_nm = value_n + m * d.D;
-        int64_t k = (nq * d.M + m) * d.L * d.P;  // flat index of sample (n, q, m, l, p)
+        const scalar_t* value_nm = value + n * d.S * row + m * d.D;
+        std::fill(acc, acc + nq * d.D, acc_t(0));
         for (int64_t l = 0; l < d.L; ++l) {
           const int64_t H = shapes[2 * l], W = shapes[2 * l + 1];
           const scalar_t* level = value_nm + starts[l] * row;
-          for (int64_t p = 0; p < d.P; ++p, ++k) {
-            const Sample<acc_t> s = make_sample(loc[2 * k], loc[2 * k + 1], H, W);
-            if (!s.inside) continue;
-            const acc_t a = attn[k];
-            const scalar_t* r[4];
-            acc_t w[4];
-            for (int c = 0; c < 4; ++c) {
-              r[c] = s.pixel[c] >= 0 ? level + s.pixel[c] * row : zero.data();
-              w[c] = a * s.weight[c];
-            }
-            const scalar_t* __restrict r0 = r[0];
-            const scalar_t* __restrict r1 = r[1];
-            const scalar_t* __restrict r2 = r[2];
-            const scalar_t* __restrict r3 = r[3];
-            for (int64_t c = 0; c < d.D; ++c) {
-              acc[c] += w[0] * static_cast<acc_t>(r0[c]) + w[1] * static_cast<acc_t>(r1[c]) +
-                        w[2] * static_cast<acc_t>(r2[c]) + w[3] * static_cast<acc_t>(r3[c]);
+          for (int64_t q = q_begin; q < q_end; ++q) {
+            acc_t* __restrict acc_q = acc + (q - q_begin) * d.D;
+            // flat index of sample (n, q, m, l, 0)
+            int64_t k = (((n * d.Q + q) * d.M + m) * d.L + l) * d.P;
+            for (int64_t p = 0; p < d.P; ++p, ++k) {
+              const Sample<acc_t> s = make_sample(loc[2 * k], loc[2 * k + 1], H, W);
+              if (!s.inside) continue;
+              const acc_t a = attn[k];
+              const scalar_t* r[4];
+              acc_t w[4];
+              for (int c = 0; c < 4; ++c) {
+                r[c] = s.pixel[c] >= 0 ? level + s.pixel[c] * row : zero.data();
+                w[c] = a * s.weight[c];
+              }
+              const scalar_t* __restrict r0 = r[0];
+              const scalar_t* __restrict r1 = r[1];
+              const scalar_t* __restrict r2 = r[2];
+              const scalar_t* __restrict r3 = r[3];
+              for (int64_t c = 0; c < d.D; ++c) {
+                acc_q[c] += w[0] * static_cast<acc_t>(r0[c]) + w[1] * static_cast<acc_t>(r1[c]) +
+                            w[2] * static_cast<acc_t>(r2[c]) + w[3] * static_cast<acc_t>(r3[c]);
+              }
             }
           }
         }
-        scalar_t* o = out + nq * row + m * d.D;
-        for (int64_t c = 0; c < d.D; ++c) o[c] = static_cast<scalar_t>(acc[c]);
+        for (int64_t q = q_begin; q < q_end; ++q) {
+          scalar_t* o = out + (n * d.Q + q) * row + m * d.D;
+          const acc_t* acc_q = acc + (q - q_begin) * d.D;
+          for (int64_t c = 0; c < d.D; ++c) o[c] = static_cast<scalar_t>(acc_q[c]);
+        }
       }
     }
   });

@@ -1,0 +1,92 @@
+"""Timing and memory helpers shared by the benchmark scripts (see ../shared/BENCHMARKS.md).
+
+Our CPUs are shared and noisy, so every figure we publish is a ratio of two
+implementations measured side by side in one run, from medians over repetitions after
+warm-up. CUDA timings use events with the L2 cache flushed between repetitions.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> float:
+    """Median wall time of fn() in seconds."""
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        flush = torch.empty(64 * 2**20, dtype=torch.int8, device=device)  # larger than L2
+        times = []
+        for _ in range(repeats):
+            flush.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        return statistics.median(times)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure_in_subprocess(script: str, args: list[str]) -> dict:
+    """Runs `python script --probe ...args` in a fresh process and returns the JSON line it
+    prints. Peak memory (ru_maxrss) only grows, so each measurement needs its own process."""
+    out = subprocess.run(
+        [sys.executable, script, "--probe", *args], check=True, capture_output=True, text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def environment() -> dict:
+    import codetr
+
+    return {
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "codetr_ops": codetr.ops.extension_info()["ops"],
+    }
+
+
+def write_json(path: str | Path, payload: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.replace(path)
+
+
+def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
+    """columns: (key, header, format spec)."""
+    cells = [[h for _, h, _ in columns]]
+    for r in rows:
+        cells.append([("-" if r.get(k) is None else format(r[k], f)) for k, _, f in columns])
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+    for i, line in enumerate(cells):
+        print("  ".join(c.rjust(w) for c, w in zip(line, widths)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
