@@ -79,8 +79,17 @@ def ms_deform_attn(
 
 if _extension.declare(OP):
 
+    def _check_devices(value, **others):
+        # The C++ kernels check this too, but a mix with a meta tensor dispatches here.
+        for name, t in others.items():
+            if t.device != value.device:
+                raise RuntimeError(f"ms_deform_attn: {name} must be on the same device as value "
+                                   f"({value.device}), got {t.device}")
+
     @torch.library.register_fake("codetr::ms_deform_attn")
     def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+        _check_devices(value, spatial_shapes=spatial_shapes, level_start_index=level_start_index,
+                       sampling_locations=sampling_locations, attention_weights=attention_weights)
         N, _, M, D = value.shape
         Q = sampling_locations.shape[1]
         return value.new_empty((N, Q, M * D))

@@ -1,0 +1,5 @@
+import sys
+
+from codetr.cli import main
+
+sys.exit(main())

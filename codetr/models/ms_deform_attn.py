@@ -1,0 +1,98 @@
+"""The multi-scale deformable attention module of Deformable DETR (Zhu et al., 2021)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from codetr.ops import ms_deform_attn
+
+
+class MSDeformAttn(nn.Module):
+    """Each query attends to n_points sampled locations per head and level around its
+    reference point; offsets and attention weights are predicted from the query.
+
+    Args:
+        d_model: channels of queries and values (split evenly over heads).
+        n_levels: feature levels L.
+        n_heads: attention heads M.
+        n_points: sampling points P per head and level.
+    """
+
+    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4):
+        super().__init__()
+        if d_model % n_heads != 0:
+            raise ValueError(f"d_model must be divisible by n_heads, got {d_model} and {n_heads}")
+        self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(d_model, d_model)
+        self.output_proj = nn.Linear(d_model, d_model)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Deformable DETR's initialisation: offsets start on a ring of directions (one per
+        head, radius growing with the point index), uniform attention, Xavier projections."""
+        nn.init.constant_(self.sampling_offsets.weight, 0.0)
+        thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
+        grid = torch.stack([thetas.cos(), thetas.sin()], -1)
+        grid = (grid / grid.abs().max(-1, keepdim=True)[0]).view(self.n_heads, 1, 1, 2)
+        grid = grid.repeat(1, self.n_levels, self.n_points, 1)
+        grid *= torch.arange(1, self.n_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.view(-1))
+        nn.init.constant_(self.attention_weights.weight, 0.0)
+        nn.init.constant_(self.attention_weights.bias, 0.0)
+        nn.init.xavier_uniform_(self.value_proj.weight)
+        nn.init.constant_(self.value_proj.bias, 0.0)
+        nn.init.xavier_uniform_(self.output_proj.weight)
+        nn.init.constant_(self.output_proj.bias, 0.0)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        reference_points: torch.Tensor,
+        value: torch.Tensor,
+        spatial_shapes: torch.Tensor,
+        level_start_index: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """
+        Args:
+            query: [N, Q, C].
+            reference_points: [N, Q, L, 2] normalised (x, y) in [0, 1], or [N, Q, L, 4]
+                boxes (cx, cy, w, h): offsets are then scaled by half the box size.
+            value: [N, S, C], the flattened multi-level feature maps.
+            spatial_shapes: [L, 2] int64 (H, W) of each level.
+            level_start_index: [L] int64 offset of each level in S.
+            padding_mask: [N, S] bool, True at padded positions (their values are zeroed).
+        Returns:
+            [N, Q, C].
+        """
+        N, Q, _ = query.shape
+        S = value.shape[1]
+        M, L, P = self.n_heads, self.n_levels, self.n_points
+        if reference_points.shape[-1] not in (2, 4):
+            raise ValueError(
+                "reference_points must end in 2 (points) or 4 (boxes), got shape "
+                f"{tuple(reference_points.shape)}"
+            )
+        v = self.value_proj(value)
+        if padding_mask is not None:
+            v = v.masked_fill(padding_mask[..., None], 0.0)
+        v = v.view(N, S, M, self.d_model // M)
+        offsets = self.sampling_offsets(query).view(N, Q, M, L, P, 2)
+        weights = F.softmax(self.attention_weights(query).view(N, Q, M, L * P), -1)
+        weights = weights.view(N, Q, M, L, P)
+        if reference_points.shape[-1] == 2:
+            # Offsets are in pixels of each level: normalise by (W, H).
+            normaliser = spatial_shapes.flip(-1).to(offsets.dtype)
+            locations = (reference_points[:, :, None, :, None, :]
+                         + offsets / normaliser[None, None, None, :, None, :])
+        else:
+            locations = (reference_points[:, :, None, :, None, :2]
+                         + offsets / P * reference_points[:, :, None, :, None, 2:] * 0.5)
+        out = ms_deform_attn(v, spatial_shapes, level_start_index, locations, weights)
+        return self.output_proj(out)

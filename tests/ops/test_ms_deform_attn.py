@@ -1,0 +1,225 @@
+"""ms_deform_attn: compiled kernel vs the grid_sample reference, gradients, registration."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import codetr
+from codetr.ops import ms_deform_attn, ms_deform_attn_reference
+
+OP = "ms_deform_attn"
+
+
+def make_inputs(levels, N=2, Q=5, M=2, D=4, P=2, dtype=torch.float64, seed=0, spread=0.3):
+    """Random inputs; locations spread beyond [0, 1] by `spread` so some fall outside."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = torch.tensor(levels, dtype=torch.long).view(-1, 2)
+    sizes = shapes[:, 0] * shapes[:, 1]
+    starts = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
+    L, S = len(shapes), int(sizes.sum())
+    value = torch.randn(N, S, M, D, generator=g, dtype=dtype)
+    loc = (torch.rand(N, Q, M, L, P, 2, generator=g, dtype=dtype) * (1 + 2 * spread) - spread)
+    attn = torch.rand(N, Q, M, L, P, generator=g, dtype=dtype)
+    return value, shapes, starts, loc, attn
+
+
+def random_config(seed):
+    g = torch.Generator().manual_seed(1000 + seed)
+    r = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))  # noqa: E731
+    L = r(1, 5)
+    levels = [(r(1, 9), r(1, 9)) for _ in range(L)]
+    D = [1, 3, 30, 32, 64, 71][seed % 6]
+    return dict(levels=levels, N=[1, 3][seed % 2], Q=r(1, 12), M=r(1, 8), D=D, P=r(1, 8))
+
+
+def border_locations(levels, N, Q, M, P, dtype):
+    """Locations exactly on pixel centres, map borders (0, 1) and half a pixel outside."""
+    shapes = torch.tensor(levels, dtype=dtype)
+    L = len(levels)
+    choices = torch.tensor([0.0, 1.0, -0.5, 0.5, 1.5], dtype=dtype)  # in pixels relative to edges
+    g = torch.Generator().manual_seed(7)
+    idx = torch.randint(0, len(choices), (N, Q, M, L, P, 2), generator=g)
+    frac = choices[idx]
+    size = shapes.flip(-1)[None, None, None, :, None, :]  # (W, H)
+    # frac 0 / 1: the border itself; -0.5: half a pixel outside; 0.5 / 1.5: pixel centres.
+    pix = torch.where(idx == 1, size, frac)
+    return pix / size
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_forward_backward_match_reference(seed, dtype, tol, assert_compiled):
+    assert_compiled(OP)
+    cfg = random_config(seed)
+    value, shapes, starts, loc, attn = make_inputs(dtype=dtype, seed=seed, **cfg)
+    on_grid = seed % 3 == 0
+    if on_grid:  # exact borders, pixel centres and just outside
+        loc = border_locations(cfg["levels"], cfg["N"], cfg["Q"], cfg["M"], cfg["P"], dtype)
+    inputs = [t.requires_grad_() if t.is_floating_point() else t for t in (value, shapes, starts, loc, attn)]
+    out = ms_deform_attn(*inputs)
+    ref = ms_deform_attn_reference(*inputs)
+    assert out.shape == (cfg["N"], cfg["Q"], cfg["M"] * cfg["D"])
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+    grad = torch.randn_like(out)
+    wrt = (inputs[0], inputs[3], inputs[4])
+    g_out = torch.autograd.grad(out, wrt, grad)
+    g_ref = torch.autograd.grad(ref, wrt, grad)
+    for name, a, b in zip(("value", "sampling_locations", "attention_weights"), g_out, g_ref):
+        if on_grid and name == "sampling_locations":
+            continue  # bilinear sampling has no derivative on the pixel grid itself
+        # Location gradients scale with the map size, so compare relative to their magnitude.
+        scale = max(1.0, b.abs().max().item())
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * scale, msg=lambda m: f"{name}: {m}")
+
+
+def test_non_contiguous_inputs(assert_compiled):
+    assert_compiled(OP)
+    value, shapes, starts, loc, attn = make_inputs([(6, 7), (3, 4), (1, 1)], N=3, Q=9, M=4, D=8, P=3)
+    value_nc = value.transpose(2, 3).contiguous().transpose(2, 3)  # same values, new strides
+    loc_nc = loc.transpose(4, 5).contiguous().transpose(4, 5)
+    attn_nc = torch.stack([attn, attn], -1)[..., 0]
+    assert not (value_nc.is_contiguous() or loc_nc.is_contiguous() or attn_nc.is_contiguous())
+    torch.testing.assert_close(
+        ms_deform_attn(value_nc, shapes, starts, loc_nc, attn_nc),
+        ms_deform_attn_reference(value, shapes, starts, loc, attn),
+        rtol=1e-10, atol=1e-10,
+    )
+
+
+def test_analytic_value_at_pixel_centres():
+    """A location at a pixel centre returns that pixel, weighted by the attention."""
+    value = torch.arange(12.0, dtype=torch.float64).view(1, 12, 1, 1)  # one 3x4 level
+    shapes = torch.tensor([[3, 4]])
+    starts = torch.tensor([0])
+    x, y = 2, 1
+    loc = torch.tensor([(x + 0.5) / 4, (y + 0.5) / 3], dtype=torch.float64).view(1, 1, 1, 1, 1, 2)
+    attn = torch.full((1, 1, 1, 1, 1), 0.5, dtype=torch.float64)
+    assert ms_deform_attn(value, shapes, starts, loc, attn).item() == pytest.approx(0.5 * (y * 4 + x))
+    # Halfway between two horizontal neighbours: their mean.
+    loc[..., 0] = (x + 1.0) / 4
+    assert ms_deform_attn(value, shapes, starts, loc, attn).item() == pytest.approx(0.5 * (y * 4 + x + 0.5))
+
+
+def test_gradcheck(assert_compiled):
+    assert_compiled(OP)
+    value, shapes, starts, loc, attn = make_inputs([(4, 5), (2, 3), (1, 1)], N=2, Q=3, M=2, D=3, P=2)
+    # Keep locations off the pixel grid, where bilinear interpolation is not differentiable.
+    loc = (loc + 0.013).requires_grad_()
+    value.requires_grad_()
+    attn.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda v, l, a: ms_deform_attn(v, shapes, starts, l, a), (value, loc, attn)
+    )
+
+
+def test_opcheck(assert_compiled):
+    assert_compiled(OP)
+    for dtype in (torch.float32, torch.float64):
+        value, shapes, starts, loc, attn = make_inputs([(4, 5), (2, 2)], dtype=dtype)
+        for t in (value, loc, attn):
+            t.requires_grad_()
+        torch.library.opcheck(torch.ops.codetr.ms_deform_attn.default, (value, shapes, starts, loc, attn))
+
+
+def test_torch_compile_fullgraph(assert_compiled):
+    assert_compiled(OP)
+    value, shapes, starts, loc, attn = make_inputs([(4, 5), (2, 2)], dtype=torch.float32)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(v, l, a):
+        return (ms_deform_attn(v, shapes, starts, l, a) * 2).sum()
+
+    value.requires_grad_()
+    out = f(value, loc, attn)
+    out.backward()
+    ref = (ms_deform_attn_reference(value.detach(), shapes, starts, loc, attn) * 2).sum()
+    torch.testing.assert_close(out, ref)
+    assert value.grad is not None and value.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reduced_precision_value_with_fp32_coordinates(dtype, assert_compiled):
+    assert_compiled(OP)
+    value, shapes, starts, loc, attn = make_inputs([(8, 9), (4, 5)], dtype=torch.float32, D=16)
+    value_h = value.to(dtype).requires_grad_()
+    out = ms_deform_attn(value_h, shapes, starts, loc, attn)
+    assert out.dtype == dtype
+    ref = ms_deform_attn_reference(value_h.detach().float(), shapes, starts, loc, attn)
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+    (g,) = torch.autograd.grad(out.float().sum(), value_h)
+    assert g.dtype == dtype
+    v32 = value_h.detach().float().requires_grad_()
+    (g_ref,) = torch.autograd.grad(ms_deform_attn_reference(v32, shapes, starts, loc, attn).sum(), v32)
+    torch.testing.assert_close(g.float(), g_ref, rtol=2e-2, atol=2e-2)
+
+
+def test_backward_is_deterministic_across_thread_counts(assert_compiled):
+    assert_compiled(OP)
+    value, shapes, starts, loc, attn = make_inputs([(16, 16), (8, 8)], N=2, Q=200, M=4, D=8, P=4,
+                                                  dtype=torch.float32, spread=0.0)
+    grad = torch.randn(2, 200, 32)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(torch.ops.codetr.ms_deform_attn_backward(grad, value, shapes, starts, loc, attn))
+    finally:
+        torch.set_num_threads(threads)
+    for r in results[1:]:
+        for a, b in zip(results[0], r):
+            assert torch.equal(a, b)
+
+
+def test_empty_inputs():
+    value, shapes, starts, loc, attn = make_inputs([(3, 4)], N=2, Q=0)
+    assert ms_deform_attn(value, shapes, starts, loc, attn).shape == (2, 0, value.shape[2] * value.shape[3])
+    value, shapes, starts, loc, attn = make_inputs([(3, 4)], N=0, Q=4)
+    assert ms_deform_attn(value, shapes, starts, loc, attn).shape == (0, 4, value.shape[2] * value.shape[3])
+
+
+def test_reference_path(reference_mode):
+    value, shapes, starts, loc, attn = make_inputs([(4, 5), (2, 2)])
+    info = codetr.ops.extension_info()
+    assert info["mode"] == "reference" and info["ops"][OP]["cpu"] == "reference"
+    torch.testing.assert_close(
+        ms_deform_attn(value, shapes, starts, loc, attn),
+        ms_deform_attn_reference(value, shapes, starts, loc, attn),
+        rtol=0, atol=0,
+    )
+
+
+def test_env_variable_selects_reference_path():
+    code = "import codetr; print(codetr.ops.extension_info()['ops']['ms_deform_attn']['cpu'])"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "CODETR_OPS": "reference"},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "reference"
+
+
+def _bad(**changes):
+    args = dict(zip(("value", "spatial_shapes", "level_start_index", "sampling_locations",
+                     "attention_weights"), make_inputs([(4, 5), (2, 2)])))
+    args.update(changes)
+    return args
+
+
+@pytest.mark.parametrize("changes,match", [
+    (lambda a: dict(value=a["value"][0]), "value must be 4-d"),
+    (lambda a: dict(value=a["value"][:, :-1]), "spatial_shapes sums to"),
+    (lambda a: dict(spatial_shapes=a["spatial_shapes"].float()), "spatial_shapes must have dtype"),
+    (lambda a: dict(spatial_shapes=torch.tensor([[4, -5], [2, 2]])), "non-negative"),
+    (lambda a: dict(level_start_index=torch.tensor([0, 7])), r"level_start_index\[1\] must be 20"),
+    (lambda a: dict(sampling_locations=a["sampling_locations"][..., :1]), r"sampling_locations must be \[N, Q, M, L, P, 2\]"),
+    (lambda a: dict(attention_weights=a["attention_weights"][:, :2]), r"attention_weights must be \[N, Q, M, L, P\]"),
+    (lambda a: dict(sampling_locations=a["sampling_locations"].float()), "sampling_locations must have the dtype of value"),
+    (lambda a: dict(value=a["value"].to(torch.int64)), "value must be a floating-point tensor"),
+    (lambda a: dict(attention_weights=a["attention_weights"].to("meta")), "attention_weights must be on the same device"),
+])
+def test_bad_inputs_raise_named_errors(changes, match, assert_compiled):
+    assert_compiled(OP)
+    base = _bad()
+    args = _bad(**changes(base))
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.codetr.ms_deform_attn(*args.values())
