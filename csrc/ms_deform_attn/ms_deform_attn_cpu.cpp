@@ -13,124 +13,212 @@ namespace codetr {
 namespace msda {
 namespace {
 
-// Forward: parallel over (batch, block of queries); inside a block, head, then level, then
-// query, so that consecutive queries (whose samples are near each other) reuse the cache
-// lines of one head's channels on one level instead of streaming all heads' rows of all
-// levels. Each sample's corner
-// weights are computed once and applied to all D channels in a loop the compiler
-// vectorizes. Corners outside the map point at a row of zeros with weight 0, so the
-// channel loop has no branches (and an inf elsewhere in `value` cannot leak in as 0 * inf).
+// The hot loops are compiled twice: for the x86-64 baseline (SSE2) and with AVX2+FMA,
+// chosen at run time, so one wheel runs everywhere and uses 8-wide FMAs where it can.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define CODETR_MSDA_AVX2 1
+#define CODETR_ALWAYS_INLINE inline __attribute__((always_inline))
+#define CODETR_TARGET_AVX2 __attribute__((target("avx2,fma")))
+bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+}
+#else
+#define CODETR_ALWAYS_INLINE inline
+#endif
+
 template <typename scalar_t>
-void forward_kernel(const Dims& d, const scalar_t* value, const int64_t* shapes,
-                    const int64_t* starts, const acc_type<scalar_t>* loc,
-                    const acc_type<scalar_t>* attn, scalar_t* out) {
+struct Args {
   using acc_t = acc_type<scalar_t>;
-  constexpr int64_t kBlock = 64;
+  Dims d;
+  const scalar_t* value;  // [N, S, M, D]
+  const int64_t* shapes;  // [L, 2]
+  const int64_t* starts;  // [L]
+  const acc_t* loc;       // [N, Q, M, L, P, 2]
+  const acc_t* attn;      // [N, Q, M, L, P]
+  const scalar_t* zero;   // [D] zeros: the row read for corners outside the map
+};
+
+constexpr int64_t kBlock = 64;  // queries per forward work item
+
+// Forward of one work item (batch n, block of queries). Inside the block: head, then level,
+// then query, so that consecutive queries (whose samples are near each other) reuse the
+// cache lines of one head's channels on one level instead of streaming all heads' rows of
+// all levels. Each sample's corner weights are computed once and applied to all D
+// channels in a loop the compiler vectorizes. Corners outside the map read the zero row
+// with weight 0, so the channel loop has no branches (and an inf elsewhere in `value`
+// cannot leak in as 0 * inf). acc: [kBlock, D] scratch.
+template <typename scalar_t>
+CODETR_ALWAYS_INLINE void forward_block(const Args<scalar_t>& a, int64_t nb, scalar_t* out,
+                                        acc_type<scalar_t>* acc) {
+  using acc_t = acc_type<scalar_t>;
+  const Dims& d = a.d;
   const int64_t row = d.M * d.D;  // stride between two positions of value
   const int64_t blocks = (d.Q + kBlock - 1) / kBlock;
-  at::parallel_for(0, d.N * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc_buf(kBlock * d.D);  // accumulators of the block's queries
-    const std::vector<scalar_t> zero(d.D, scalar_t(0));
-    acc_t* acc = acc_buf.data();
-    for (int64_t nb = begin; nb < end; ++nb) {
-      const int64_t n = nb / blocks;
-      const int64_t q_begin = (nb % blocks) * kBlock;
-      const int64_t q_end = std::min(q_begin + kBlock, d.Q);
-      const int64_t nq = q_end - q_begin;
-      for (int64_t m = 0; m < d.M; ++m) {
-        const scalar_t* value_nm = value + n * d.S * row + m * d.D;
-        std::fill(acc, acc + nq * d.D, acc_t(0));
-        for (int64_t l = 0; l < d.L; ++l) {
-          const int64_t H = shapes[2 * l], W = shapes[2 * l + 1];
-          const scalar_t* level = value_nm + starts[l] * row;
-          for (int64_t q = q_begin; q < q_end; ++q) {
-            acc_t* __restrict acc_q = acc + (q - q_begin) * d.D;
-            // flat index of sample (n, q, m, l, 0)
-            int64_t k = (((n * d.Q + q) * d.M + m) * d.L + l) * d.P;
-            for (int64_t p = 0; p < d.P; ++p, ++k) {
-              const Sample<acc_t> s = make_sample(loc[2 * k], loc[2 * k + 1], H, W);
-              if (!s.inside) continue;
-              const acc_t a = attn[k];
-              const scalar_t* r[4];
-              acc_t w[4];
-              for (int c = 0; c < 4; ++c) {
-                r[c] = s.pixel[c] >= 0 ? level + s.pixel[c] * row : zero.data();
-                w[c] = a * s.weight[c];
-              }
-              const scalar_t* __restrict r0 = r[0];
-              const scalar_t* __restrict r1 = r[1];
-              const scalar_t* __restrict r2 = r[2];
-              const scalar_t* __restrict r3 = r[3];
-              for (int64_t c = 0; c < d.D; ++c) {
-                acc_q[c] += w[0] * static_cast<acc_t>(r0[c]) + w[1] * static_cast<acc_t>(r1[c]) +
-                            w[2] * static_cast<acc_t>(r2[c]) + w[3] * static_cast<acc_t>(r3[c]);
-              }
-            }
+  const int64_t n = nb / blocks;
+  const int64_t q_begin = (nb % blocks) * kBlock;
+  const int64_t q_end = std::min(q_begin + kBlock, d.Q);
+  for (int64_t m = 0; m < d.M; ++m) {
+    const scalar_t* value_nm = a.value + n * d.S * row + m * d.D;
+    std::fill(acc, acc + (q_end - q_begin) * d.D, acc_t(0));
+    for (int64_t l = 0; l < d.L; ++l) {
+      const int64_t H = a.shapes[2 * l], W = a.shapes[2 * l + 1];
+      const scalar_t* level = value_nm + a.starts[l] * row;
+      for (int64_t q = q_begin; q < q_end; ++q) {
+        acc_t* __restrict acc_q = acc + (q - q_begin) * d.D;
+        int64_t k = (((n * d.Q + q) * d.M + m) * d.L + l) * d.P;  // sample (n, q, m, l, 0)
+        for (int64_t p = 0; p < d.P; ++p, ++k) {
+          const Sample<acc_t> s = make_sample(a.loc[2 * k], a.loc[2 * k + 1], H, W);
+          if (!s.inside) continue;
+          const acc_t w0 = a.attn[k] * s.weight[0], w1 = a.attn[k] * s.weight[1];
+          const acc_t w2 = a.attn[k] * s.weight[2], w3 = a.attn[k] * s.weight[3];
+          const scalar_t* __restrict r0 = s.pixel[0] >= 0 ? level + s.pixel[0] * row : a.zero;
+          const scalar_t* __restrict r1 = s.pixel[1] >= 0 ? level + s.pixel[1] * row : a.zero;
+          const scalar_t* __restrict r2 = s.pixel[2] >= 0 ? level + s.pixel[2] * row : a.zero;
+          const scalar_t* __restrict r3 = s.pixel[3] >= 0 ? level + s.pixel[3] * row : a.zero;
+          for (int64_t c = 0; c < d.D; ++c) {
+            acc_q[c] += w0 * static_cast<acc_t>(r0[c]) + w1 * static_cast<acc_t>(r1[c]) +
+                        w2 * static_cast<acc_t>(r2[c]) + w3 * static_cast<acc_t>(r3[c]);
           }
         }
-        for (int64_t q = q_begin; q < q_end; ++q) {
-          scalar_t* o = out + (n * d.Q + q) * row + m * d.D;
-          const acc_t* acc_q = acc + (q - q_begin) * d.D;
-          for (int64_t c = 0; c < d.D; ++c) o[c] = static_cast<scalar_t>(acc_q[c]);
-        }
       }
+    }
+    for (int64_t q = q_begin; q < q_end; ++q) {
+      scalar_t* o = out + (n * d.Q + q) * row + m * d.D;
+      const acc_t* acc_q = acc + (q - q_begin) * d.D;
+      for (int64_t c = 0; c < d.D; ++c) o[c] = static_cast<scalar_t>(acc_q[c]);
+    }
+  }
+}
+
+template <typename scalar_t>
+void forward_block_baseline(const Args<scalar_t>& a, int64_t nb, scalar_t* out,
+                            acc_type<scalar_t>* acc) {
+  forward_block(a, nb, out, acc);
+}
+
+#ifdef CODETR_MSDA_AVX2
+template <typename scalar_t>
+CODETR_TARGET_AVX2 void forward_block_avx2(const Args<scalar_t>& a, int64_t nb, scalar_t* out,
+                                           acc_type<scalar_t>* acc) {
+  forward_block(a, nb, out, acc);
+}
+#endif
+
+template <typename scalar_t>
+void forward_kernel(const Args<scalar_t>& a, scalar_t* out) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t blocks = (a.d.Q + kBlock - 1) / kBlock;
+  at::parallel_for(0, a.d.N * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(kBlock * a.d.D);
+    for (int64_t nb = begin; nb < end; ++nb) {
+#ifdef CODETR_MSDA_AVX2
+      if (cpu_has_avx2()) {
+        forward_block_avx2(a, nb, out, acc.data());
+        continue;
+      }
+#endif
+      forward_block_baseline(a, nb, out, acc.data());
     }
   });
 }
 
-// Backward: parallel over (batch, head) pairs. A pair owns its slice value[n, :, m, :],
-// so every grad_value element is written by one thread, in query order: the result is
-// bitwise identical whatever the number of threads, with no atomics and no private copies.
+// Backward of one (batch n, head m) pair. The pair owns the slice value[n, :, m, :], so
+// every grad_value element is written by one thread, in query order: the result is
+// bitwise identical whatever the number of threads, with no atomics and no private
+// copies. One fused pass over the channels computes the three sums of accumulate_grad
+// and scatters into the four corners' grad_value rows (corners outside the map read the
+// zero row and write into `scratch`, with weight 0).
 template <typename scalar_t>
-void backward_kernel(const Dims& d, const scalar_t* grad_out, const scalar_t* value,
-                     const int64_t* shapes, const int64_t* starts, const acc_type<scalar_t>* loc,
-                     const acc_type<scalar_t>* attn, acc_type<scalar_t>* grad_value,
-                     acc_type<scalar_t>* grad_loc, acc_type<scalar_t>* grad_attn) {
+CODETR_ALWAYS_INLINE void backward_pair(const Args<scalar_t>& a, int64_t nm,
+                                        const scalar_t* grad_out, acc_type<scalar_t>* grad_value,
+                                        acc_type<scalar_t>* grad_loc, acc_type<scalar_t>* grad_attn,
+                                        acc_type<scalar_t>* scratch) {
   using acc_t = acc_type<scalar_t>;
+  const Dims& d = a.d;
   const int64_t row = d.M * d.D;
-  at::parallel_for(0, d.N * d.M, 1, [&](int64_t begin, int64_t end) {
-    const std::vector<scalar_t> zero(d.D, scalar_t(0));
-    for (int64_t nm = begin; nm < end; ++nm) {
-      const int64_t n = nm / d.M, m = nm % d.M;
-      const scalar_t* value_nm = value + n * d.S * row + m * d.D;
-      acc_t* grad_value_nm = grad_value + n * d.S * row + m * d.D;
-      for (int64_t q = 0; q < d.Q; ++q) {
-        const scalar_t* __restrict g = grad_out + (n * d.Q + q) * row + m * d.D;
-        int64_t k = ((n * d.Q + q) * d.M + m) * d.L * d.P;
-        for (int64_t l = 0; l < d.L; ++l) {
-          const int64_t H = shapes[2 * l], W = shapes[2 * l + 1];
-          const int64_t level = starts[l] * row;
-          for (int64_t p = 0; p < d.P; ++p, ++k) {
-            const Sample<acc_t> s = make_sample(loc[2 * k], loc[2 * k + 1], H, W);
-            if (!s.inside) continue;  // grad_loc and grad_attn stay 0
-            const acc_t a = attn[k];
-            const scalar_t* __restrict r0 =
-                s.pixel[0] >= 0 ? value_nm + level + s.pixel[0] * row : zero.data();
-            const scalar_t* __restrict r1 =
-                s.pixel[1] >= 0 ? value_nm + level + s.pixel[1] * row : zero.data();
-            const scalar_t* __restrict r2 =
-                s.pixel[2] >= 0 ? value_nm + level + s.pixel[2] * row : zero.data();
-            const scalar_t* __restrict r3 =
-                s.pixel[3] >= 0 ? value_nm + level + s.pixel[3] * row : zero.data();
-            acc_t ga = 0, gw = 0, gh = 0;
-#pragma omp simd reduction(+ : ga, gw, gh)
-            for (int64_t c = 0; c < d.D; ++c) {
-              accumulate_grad(s, static_cast<acc_t>(g[c]), static_cast<acc_t>(r0[c]),
-                              static_cast<acc_t>(r1[c]), static_cast<acc_t>(r2[c]),
-                              static_cast<acc_t>(r3[c]), ga, gw, gh);
-            }
-            grad_attn[k] = ga;
-            grad_loc[2 * k] = location_grad(a, gw, W);
-            grad_loc[2 * k + 1] = location_grad(a, gh, H);
-            for (int corner = 0; corner < 4; ++corner) {
-              if (s.pixel[corner] < 0) continue;
-              const acc_t coef = a * s.weight[corner];
-              acc_t* __restrict gv = grad_value_nm + level + s.pixel[corner] * row;
-              for (int64_t c = 0; c < d.D; ++c) gv[c] += coef * static_cast<acc_t>(g[c]);
-            }
-          }
+  const int64_t n = nm / d.M, m = nm % d.M;
+  const scalar_t* value_nm = a.value + n * d.S * row + m * d.D;
+  acc_t* grad_value_nm = grad_value + n * d.S * row + m * d.D;
+  for (int64_t q = 0; q < d.Q; ++q) {
+    const scalar_t* __restrict g = grad_out + (n * d.Q + q) * row + m * d.D;
+    int64_t k = ((n * d.Q + q) * d.M + m) * d.L * d.P;
+    for (int64_t l = 0; l < d.L; ++l) {
+      const int64_t H = a.shapes[2 * l], W = a.shapes[2 * l + 1];
+      const int64_t level = a.starts[l] * row;
+      for (int64_t p = 0; p < d.P; ++p, ++k) {
+        const Sample<acc_t> s = make_sample(a.loc[2 * k], a.loc[2 * k + 1], H, W);
+        if (!s.inside) continue;  // grad_loc and grad_attn stay 0
+        const acc_t at = a.attn[k];
+        const scalar_t* r[4];
+        acc_t* gv[4];
+        acc_t coef[4];
+        for (int c = 0; c < 4; ++c) {
+          const bool in = s.pixel[c] >= 0;
+          r[c] = in ? value_nm + level + s.pixel[c] * row : a.zero;
+          gv[c] = in ? grad_value_nm + level + s.pixel[c] * row : scratch;
+          coef[c] = at * s.weight[c];
         }
+        const scalar_t* __restrict r0 = r[0];
+        const scalar_t* __restrict r1 = r[1];
+        const scalar_t* __restrict r2 = r[2];
+        const scalar_t* __restrict r3 = r[3];
+        acc_t* __restrict gv0 = gv[0];
+        acc_t* __restrict gv1 = gv[1];
+        acc_t* __restrict gv2 = gv[2];
+        acc_t* __restrict gv3 = gv[3];
+        acc_t ga = 0, gw = 0, gh = 0;
+#pragma omp simd reduction(+ : ga, gw, gh)
+        for (int64_t c = 0; c < d.D; ++c) {
+          const acc_t gc = static_cast<acc_t>(g[c]);
+          accumulate_grad(s, gc, static_cast<acc_t>(r0[c]), static_cast<acc_t>(r1[c]),
+                          static_cast<acc_t>(r2[c]), static_cast<acc_t>(r3[c]), ga, gw, gh);
+          gv0[c] += coef[0] * gc;
+          gv1[c] += coef[1] * gc;
+          gv2[c] += coef[2] * gc;
+          gv3[c] += coef[3] * gc;
+        }
+        grad_attn[k] = ga;
+        grad_loc[2 * k] = location_grad(at, gw, W);
+        grad_loc[2 * k + 1] = location_grad(at, gh, H);
       }
+    }
+  }
+}
+
+template <typename scalar_t>
+void backward_pair_baseline(const Args<scalar_t>& a, int64_t nm, const scalar_t* grad_out,
+                            acc_type<scalar_t>* grad_value, acc_type<scalar_t>* grad_loc,
+                            acc_type<scalar_t>* grad_attn, acc_type<scalar_t>* scratch) {
+  backward_pair(a, nm, grad_out, grad_value, grad_loc, grad_attn, scratch);
+}
+
+#ifdef CODETR_MSDA_AVX2
+template <typename scalar_t>
+CODETR_TARGET_AVX2 void backward_pair_avx2(const Args<scalar_t>& a, int64_t nm,
+                                           const scalar_t* grad_out, acc_type<scalar_t>* grad_value,
+                                           acc_type<scalar_t>* grad_loc,
+                                           acc_type<scalar_t>* grad_attn,
+                                           acc_type<scalar_t>* scratch) {
+  backward_pair(a, nm, grad_out, grad_value, grad_loc, grad_attn, scratch);
+}
+#endif
+
+template <typename scalar_t>
+void backward_kernel(const Args<scalar_t>& a, const scalar_t* grad_out,
+                     acc_type<scalar_t>* grad_value, acc_type<scalar_t>* grad_loc,
+                     acc_type<scalar_t>* grad_attn) {
+  using acc_t = acc_type<scalar_t>;
+  at::parallel_for(0, a.d.N * a.d.M, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scratch(a.d.D);
+    for (int64_t nm = begin; nm < end; ++nm) {
+#ifdef CODETR_MSDA_AVX2
+      if (cpu_has_avx2()) {
+        backward_pair_avx2(a, nm, grad_out, grad_value, grad_loc, grad_attn, scratch.data());
+        continue;
+      }
+#endif
+      backward_pair_baseline(a, nm, grad_out, grad_value, grad_loc, grad_attn, scratch.data());
     }
   });
 }
@@ -153,9 +241,15 @@ at::Tensor ms_deform_attn_cpu(const at::Tensor& value, const at::Tensor& spatial
     const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
     const auto loc = sampling_locations.to(acc_dtype).contiguous();
     const auto attn = attention_weights.to(acc_dtype).contiguous();
-    forward_kernel<scalar_t>(d, v.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(),
-                             starts.data_ptr<int64_t>(), loc.data_ptr<acc_t>(),
-                             attn.data_ptr<acc_t>(), out.data_ptr<scalar_t>());
+    const std::vector<scalar_t> zero(d.D, scalar_t(0));
+    const Args<scalar_t> args{d,
+                              v.data_ptr<scalar_t>(),
+                              shapes.data_ptr<int64_t>(),
+                              starts.data_ptr<int64_t>(),
+                              loc.data_ptr<acc_t>(),
+                              attn.data_ptr<acc_t>(),
+                              zero.data()};
+    forward_kernel<scalar_t>(args, out.data_ptr<scalar_t>());
   });
   return out;
 }
@@ -189,11 +283,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
                               : at::zeros(value.sizes(), value.options().dtype(acc_dtype));
     auto grad_loc_acc = grad_loc.to(acc_dtype);
     auto grad_attn_acc = grad_attn.to(acc_dtype);
-    backward_kernel<scalar_t>(d, g.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-                              shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
-                              loc.data_ptr<acc_t>(), attn.data_ptr<acc_t>(),
-                              grad_value_acc.data_ptr<acc_t>(), grad_loc_acc.data_ptr<acc_t>(),
-                              grad_attn_acc.data_ptr<acc_t>());
+    const std::vector<scalar_t> zero(d.D, scalar_t(0));
+    const Args<scalar_t> args{d,
+                              v.data_ptr<scalar_t>(),
+                              shapes.data_ptr<int64_t>(),
+                              starts.data_ptr<int64_t>(),
+                              loc.data_ptr<acc_t>(),
+                              attn.data_ptr<acc_t>(),
+                              zero.data()};
+    backward_kernel<scalar_t>(args, g.data_ptr<scalar_t>(), grad_value_acc.data_ptr<acc_t>(),
+                              grad_loc_acc.data_ptr<acc_t>(), grad_attn_acc.data_ptr<acc_t>());
     if (!grad_value_acc.is_same(grad_value)) grad_value.copy_(grad_value_acc);
     if (!grad_loc_acc.is_same(grad_loc)) grad_loc.copy_(grad_loc_acc);
     if (!grad_attn_acc.is_same(grad_attn)) grad_attn.copy_(grad_attn_acc);
