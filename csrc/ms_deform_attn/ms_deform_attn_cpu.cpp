@@ -140,47 +140,52 @@ CODETR_ALWAYS_INLINE void backward_pair(const Args<scalar_t>& a, int64_t nm,
   const int64_t n = nm / d.M, m = nm % d.M;
   const scalar_t* value_nm = a.value + n * d.S * row + m * d.D;
   acc_t* grad_value_nm = grad_value + n * d.S * row + m * d.D;
-  for (int64_t q = 0; q < d.Q; ++q) {
-    const scalar_t* __restrict g = grad_out + (n * d.Q + q) * row + m * d.D;
-    int64_t k = ((n * d.Q + q) * d.M + m) * d.L * d.P;
+  // Queries in blocks, levels outer within a block: the same cache locality argument as
+  // in forward_block (the order is fixed, so the result stays deterministic).
+  for (int64_t q_begin = 0; q_begin < d.Q; q_begin += kBlock) {
+    const int64_t q_end = std::min(q_begin + kBlock, d.Q);
     for (int64_t l = 0; l < d.L; ++l) {
       const int64_t H = a.shapes[2 * l], W = a.shapes[2 * l + 1];
       const int64_t level = a.starts[l] * row;
-      for (int64_t p = 0; p < d.P; ++p, ++k) {
-        const Sample<acc_t> s = make_sample(a.loc[2 * k], a.loc[2 * k + 1], H, W);
-        if (!s.inside) continue;  // grad_loc and grad_attn stay 0
-        const acc_t at = a.attn[k];
-        const scalar_t* r[4];
-        acc_t* gv[4];
-        acc_t coef[4];
-        for (int c = 0; c < 4; ++c) {
-          const bool in = s.pixel[c] >= 0;
-          r[c] = in ? value_nm + level + s.pixel[c] * row : a.zero;
-          gv[c] = in ? grad_value_nm + level + s.pixel[c] * row : scratch;
-          coef[c] = at * s.weight[c];
-        }
-        const scalar_t* __restrict r0 = r[0];
-        const scalar_t* __restrict r1 = r[1];
-        const scalar_t* __restrict r2 = r[2];
-        const scalar_t* __restrict r3 = r[3];
-        acc_t* __restrict gv0 = gv[0];
-        acc_t* __restrict gv1 = gv[1];
-        acc_t* __restrict gv2 = gv[2];
-        acc_t* __restrict gv3 = gv[3];
-        acc_t ga = 0, gw = 0, gh = 0;
+      for (int64_t q = q_begin; q < q_end; ++q) {
+        const scalar_t* __restrict g = grad_out + (n * d.Q + q) * row + m * d.D;
+        int64_t k = (((n * d.Q + q) * d.M + m) * d.L + l) * d.P;  // sample (n, q, m, l, 0)
+        for (int64_t p = 0; p < d.P; ++p, ++k) {
+          const Sample<acc_t> s = make_sample(a.loc[2 * k], a.loc[2 * k + 1], H, W);
+          if (!s.inside) continue;  // grad_loc and grad_attn stay 0
+          const acc_t at = a.attn[k];
+          const scalar_t* r[4];
+          acc_t* gv[4];
+          acc_t coef[4];
+          for (int c = 0; c < 4; ++c) {
+            const bool in = s.pixel[c] >= 0;
+            r[c] = in ? value_nm + level + s.pixel[c] * row : a.zero;
+            gv[c] = in ? grad_value_nm + level + s.pixel[c] * row : scratch;
+            coef[c] = at * s.weight[c];
+          }
+          const scalar_t* __restrict r0 = r[0];
+          const scalar_t* __restrict r1 = r[1];
+          const scalar_t* __restrict r2 = r[2];
+          const scalar_t* __restrict r3 = r[3];
+          acc_t* __restrict gv0 = gv[0];
+          acc_t* __restrict gv1 = gv[1];
+          acc_t* __restrict gv2 = gv[2];
+          acc_t* __restrict gv3 = gv[3];
+          acc_t ga = 0, gw = 0, gh = 0;
 #pragma omp simd reduction(+ : ga, gw, gh)
-        for (int64_t c = 0; c < d.D; ++c) {
-          const acc_t gc = static_cast<acc_t>(g[c]);
-          accumulate_grad(s, gc, static_cast<acc_t>(r0[c]), static_cast<acc_t>(r1[c]),
-                          static_cast<acc_t>(r2[c]), static_cast<acc_t>(r3[c]), ga, gw, gh);
-          gv0[c] += coef[0] * gc;
-          gv1[c] += coef[1] * gc;
-          gv2[c] += coef[2] * gc;
-          gv3[c] += coef[3] * gc;
+          for (int64_t c = 0; c < d.D; ++c) {
+            const acc_t gc = static_cast<acc_t>(g[c]);
+            accumulate_grad(s, gc, static_cast<acc_t>(r0[c]), static_cast<acc_t>(r1[c]),
+                            static_cast<acc_t>(r2[c]), static_cast<acc_t>(r3[c]), ga, gw, gh);
+            gv0[c] += coef[0] * gc;
+            gv1[c] += coef[1] * gc;
+            gv2[c] += coef[2] * gc;
+            gv3[c] += coef[3] * gc;
+          }
+          grad_attn[k] = ga;
+          grad_loc[2 * k] = location_grad(at, gw, W);
+          grad_loc[2 * k + 1] = location_grad(at, gh, H);
         }
-        grad_attn[k] = ga;
-        grad_loc[2 * k] = location_grad(at, gw, W);
-        grad_loc[2 * k + 1] = location_grad(at, gh, H);
       }
     }
   }
