@@ -18,7 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    environment, measure_in_subprocess, peak_rss_mib, print_table, time_fn, write_json,
+    environment, measure_in_subprocess, peak_rss_mib, print_table, reset_peak_rss, rss_mib, time_fn,
+    write_json,
 )
 
 from codetr.ops import ms_deform_attn, ms_deform_attn_reference  # noqa: E402
@@ -82,6 +83,13 @@ def run(fn, inputs, backward: bool):
 def probe(case: str, impl: str, device: str) -> None:
     """Peak extra memory of one forward+backward, in a fresh process (see common.py)."""
     dev = torch.device(device)
+    # Warm up on a tiny input first: the first backward initialises autograd machinery and
+    # imports modules, memory that is not the op's.
+    tiny = make_inputs("C", dev, requires_grad=True)
+    tiny = [tiny[0][:1, :], tiny[1], tiny[2], tiny[3][:1, :8], tiny[4][:1, :8]]
+    tiny = [t.detach().requires_grad_() if t.is_floating_point() else t for t in tiny]
+    run(IMPLS[impl], tiny, backward=True)
+    del tiny
     inputs = make_inputs(case, dev, requires_grad=True)
     if dev.type == "cuda":
         torch.cuda.synchronize()
@@ -91,7 +99,8 @@ def probe(case: str, impl: str, device: str) -> None:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() / 2**20 - base
     else:
-        base = peak_rss_mib()
+        reset_peak_rss()
+        base = rss_mib()
         run(IMPLS[impl], inputs, backward=True)
         peak = peak_rss_mib() - base
     print(f'{{"peak_mib": {peak:.1f}}}')

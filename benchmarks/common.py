@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -44,17 +43,38 @@ def time_fn(fn: Callable[[], object], device: torch.device, repeats: int, warmup
     return statistics.median(times)
 
 
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def rss_mib() -> float:
+    """Resident memory of this process now, in MiB."""
+    return _status_mib("VmRSS")
+
+
+def reset_peak_rss() -> None:
+    """Resets the kernel's peak-RSS counter (VmHWM) of this process (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def peak_rss_mib() -> float:
-    """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident memory of this process since the last reset_peak_rss(), in MiB."""
+    return _status_mib("VmHWM")
 
 
 def measure_in_subprocess(script: str, args: list[str]) -> dict:
     """Runs `python script --probe ...args` in a fresh process and returns the JSON line it
-    prints. Peak memory (ru_maxrss) only grows, so each measurement needs its own process."""
+    prints. A probe measures CPU peak memory as peak_rss_mib() - rss_mib() around the work,
+    after reset_peak_rss(). glibc is told to serve every allocation above 64 KiB with mmap,
+    so that freed tensors leave the resident set at once and RSS tracks live memory."""
     out = subprocess.run(
         [sys.executable, script, "--probe", *args], check=True, capture_output=True, text=True,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        env={**os.environ, "PYTHONWARNINGS": "ignore", "MALLOC_MMAP_THRESHOLD_": "65536"},
     ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
