@@ -31,3 +31,23 @@ def test_cli_env_runs(capsys):
     assert main(["env"]) == 0
     out = capsys.readouterr().out
     assert "ms_deform_attn" in out and "compiled extension" in out
+
+
+def test_broken_extension_falls_back_with_one_warning():
+    """A missing or unloadable codetr._C never breaks `import codetr`."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, warnings\n"
+        "sys.modules['codetr._C'] = None  # makes `from codetr import _C` raise ImportError\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import codetr\n"
+        "print(len([w for w in caught if 'codetr._C' in str(w.message)]))\n"
+        "print(codetr.ops.extension_info()['ops']['ms_deform_attn']['cpu'])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "CODETR_OPS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         check=True).stdout.split()
+    assert out == ["1", "reference"]

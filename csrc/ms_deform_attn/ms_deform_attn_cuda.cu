@@ -124,9 +124,10 @@ at::Tensor ms_deform_attn_cuda(const at::Tensor& value, const at::Tensor& spatia
   const Dims d = check_inputs("ms_deform_attn", value, spatial_shapes, level_start_index,
                               sampling_locations, attention_weights);
   c10::cuda::CUDAGuard guard(value.device());
-  auto out = at::zeros({d.N, d.Q, d.M * d.D}, value.options());
+  auto out = at::empty({d.N, d.Q, d.M * d.D}, value.options());  // every element is written
   const int64_t work = out.numel();
-  if (work == 0 || d.S == 0 || d.L == 0 || d.P == 0) return out;
+  if (work == 0) return out;
+  if (d.S == 0 || d.L == 0 || d.P == 0) return out.zero_();
   const auto v = value.contiguous();
   const auto shapes = spatial_shapes.contiguous();
   const auto starts = level_start_index.contiguous();
