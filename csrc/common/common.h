@@ -4,6 +4,10 @@
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
 
 #if defined(__CUDACC__)
 #define CODETR_HOST_DEVICE __host__ __device__ __forceinline__
@@ -42,6 +46,26 @@ inline void check_dtype(const at::Tensor& t, at::ScalarType dtype, const char* o
 inline void check_floating(const at::Tensor& t, const char* op, const char* name) {
   CODETR_CHECK_ARG(at::isFloatingType(t.scalar_type()), op, " ", name,
                    " must be a floating-point tensor, got ", t.scalar_type());
+}
+
+// Runs body(item) for item in [0, items) on at::parallel_for's threads, handing out items
+// one at a time from a shared counter. at::parallel_for splits a range into one fixed
+// chunk per thread, so on our shared machines a thread that gets descheduled holds up the
+// whole call; here the other threads take over its remaining items. Which thread runs an
+// item does not change its result, so kernels stay deterministic. init() is called once
+// per thread and its result (scratch buffers) passed to body.
+template <typename Init, typename Body>
+void parallel_items(int64_t items, const Init& init, const Body& body) {
+  if (items <= 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(items, at::get_num_threads());
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    auto scratch = init();
+    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < items;
+         i = next.fetch_add(1, std::memory_order_relaxed)) {
+      body(i, scratch);
+    }
+  });
 }
 
 }  // namespace codetr

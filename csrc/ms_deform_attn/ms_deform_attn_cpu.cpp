@@ -1,6 +1,6 @@
-// CPU launcher of multi-scale deformable attention: at::parallel_for over the shared
-// per-sample arithmetic of ms_deform_attn_kernel.h.
-#include <ATen/Parallel.h>
+// CPU launcher of multi-scale deformable attention: parallel_items (at::parallel_for threads
+// taking work items from a shared counter) over the per-sample arithmetic of
+// ms_deform_attn_kernel.h.
 #include <torch/library.h>
 
 #include <algorithm>
@@ -109,18 +109,14 @@ template <typename scalar_t>
 void forward_kernel(const Args<scalar_t>& a, scalar_t* out) {
   using acc_t = acc_type<scalar_t>;
   const int64_t blocks = (a.d.Q + kBlock - 1) / kBlock;
-  at::parallel_for(0, a.d.N * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(kBlock * a.d.D);
-    for (int64_t nb = begin; nb < end; ++nb) {
+  parallel_items(
+      a.d.N * blocks, [&] { return std::vector<acc_t>(kBlock * a.d.D); },
+      [&](int64_t nb, std::vector<acc_t>& acc) {
 #ifdef CODETR_MSDA_AVX2
-      if (cpu_has_avx2()) {
-        forward_block_avx2(a, nb, out, acc.data());
-        continue;
-      }
+        if (cpu_has_avx2()) return forward_block_avx2(a, nb, out, acc.data());
 #endif
-      forward_block_baseline(a, nb, out, acc.data());
-    }
-  });
+        forward_block_baseline(a, nb, out, acc.data());
+      });
 }
 
 // Backward of one (batch n, head m) pair. The pair owns the slice value[n, :, m, :], so
@@ -214,18 +210,16 @@ void backward_kernel(const Args<scalar_t>& a, const scalar_t* grad_out,
                      acc_type<scalar_t>* grad_value, acc_type<scalar_t>* grad_loc,
                      acc_type<scalar_t>* grad_attn) {
   using acc_t = acc_type<scalar_t>;
-  at::parallel_for(0, a.d.N * a.d.M, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> scratch(a.d.D);
-    for (int64_t nm = begin; nm < end; ++nm) {
+  parallel_items(
+      a.d.N * a.d.M, [&] { return std::vector<acc_t>(a.d.D); },
+      [&](int64_t nm, std::vector<acc_t>& scratch) {
 #ifdef CODETR_MSDA_AVX2
-      if (cpu_has_avx2()) {
-        backward_pair_avx2(a, nm, grad_out, grad_value, grad_loc, grad_attn, scratch.data());
-        continue;
-      }
+        if (cpu_has_avx2())
+          return backward_pair_avx2(a, nm, grad_out, grad_value, grad_loc, grad_attn,
+                                    scratch.data());
 #endif
-      backward_pair_baseline(a, nm, grad_out, grad_value, grad_loc, grad_attn, scratch.data());
-    }
-  });
+        backward_pair_baseline(a, nm, grad_out, grad_value, grad_loc, grad_attn, scratch.data());
+      });
 }
 
 at::Tensor ms_deform_attn_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
