@@ -141,6 +141,20 @@ DEFAULT_CASES = "I1,I2,G1,N1"
 IMPLS = ("compiled", "torchvision", "reference")
 
 
+def _peak_mib() -> float:
+    """Peak resident memory of this process image, in MiB. Linux's VmHWM, because
+    ru_maxrss (common.peak_rss_mib) survives fork + exec: a probe started by a parent that
+    already peaked higher (the timing runs) would always read 0 extra."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return peak_rss_mib()
+
+
 def probe(case: str, impl: str, device: str) -> None:
     """Peak extra memory of one call, in a fresh process (see common.py)."""
     dev = torch.device(device)
@@ -153,9 +167,9 @@ def probe(case: str, impl: str, device: str) -> None:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() / 2**20 - base
     else:
-        base = peak_rss_mib()
+        base = _peak_mib()
         fn()
-        peak = peak_rss_mib() - base
+        peak = _peak_mib() - base
     print(f'{{"peak_mib": {peak:.1f}}}')
 
 

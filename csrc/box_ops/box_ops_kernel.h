@@ -70,8 +70,8 @@ CODETR_HOST_DEVICE T overlap(T ax1, T ay1, T ax2, T ay2, T area_a, T bx1, T by1,
 // Gradients of torch.maximum / torch.minimum / clamp(min=0), with autograd's rules: on a
 // tie max and min split the gradient evenly, and clamp(x, min=0) passes it where x > 0
 // (torch 2.x: none at x == 0). Selects between values computed up front, not branches:
-// which box holds the max is data-dependent and unpredictable, and written this way the
-// CPU pair loops vectorize (GCC does not if-convert a branch that holds an FP operation).
+// which box holds the max is data-dependent and unpredictable, and the CPU pair loops
+// vectorize the selects (see the note on trapping math in box_ops_cpu.cpp).
 template <typename T>
 CODETR_HOST_DEVICE void max_backward(T a, T b, T g, T& ga, T& gb) {
   const T half = g * T(0.5);
