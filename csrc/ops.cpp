@@ -16,4 +16,23 @@ TORCH_LIBRARY(codetr, m) {
       "ms_deform_attn_backward(Tensor grad_output, Tensor value, Tensor spatial_shapes, "
       "Tensor level_start_index, Tensor sampling_locations, Tensor attention_weights) "
       "-> (Tensor, Tensor, Tensor)");
+
+  // Box overlaps (mmdetection's bbox_overlaps): boxes1 [B, N, 4], boxes2 [B, M, 4] xyxy,
+  // mode "iou" | "iof" | "giou"  ->  [B, N, M], or [B, N] when aligned (N == M)
+  m.def("box_iou(Tensor boxes1, Tensor boxes2, str mode, bool aligned, float eps) -> Tensor");
+  //   grad [B, N, M] or [B, N]  ->  (grad_boxes1 [B, N, 4], grad_boxes2 [B, M, 4])
+  m.def(
+      "box_iou_backward(Tensor grad, Tensor boxes1, Tensor boxes2, str mode, bool aligned, "
+      "float eps) -> (Tensor, Tensor)");
+  // GIoU loss per pair (torchvision's generalized_box_iou_loss, no reduction):
+  //   pred [K, 4], target [K, 4] xyxy  ->  [K]
+  m.def("generalized_box_iou_loss(Tensor pred, Tensor target, float eps) -> Tensor");
+  //   grad [K]  ->  (grad_pred [K, 4], grad_target [K, 4])
+  m.def(
+      "generalized_box_iou_loss_backward(Tensor grad, Tensor pred, Tensor target, float eps) "
+      "-> (Tensor, Tensor)");
+  // Non-maximum suppression (torchvision's nms / batched_nms): boxes [K, 4] xyxy,
+  // scores [K], idxs [K] int64  ->  kept indices [K'] int64, by decreasing score
+  m.def("nms(Tensor boxes, Tensor scores, float iou_threshold) -> Tensor");
+  m.def("batched_nms(Tensor boxes, Tensor scores, Tensor idxs, float iou_threshold) -> Tensor");
 }

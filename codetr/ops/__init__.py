@@ -4,7 +4,10 @@
 (or `set_ops_mode`) forces one.
 """
 from ._extension import extension_info, get_ops_mode, set_ops_mode
+from .box_iou import box_iou, box_iou_reference
+from .giou_loss import generalized_box_iou_loss, generalized_box_iou_loss_reference
 from .ms_deform_attn import ms_deform_attn, ms_deform_attn_reference
+from .nms import batched_nms, batched_nms_reference, nms, nms_reference
 
 __all__ = [
     "extension_info",
@@ -12,4 +15,12 @@ __all__ = [
     "set_ops_mode",
     "ms_deform_attn",
     "ms_deform_attn_reference",
+    "box_iou",
+    "box_iou_reference",
+    "generalized_box_iou_loss",
+    "generalized_box_iou_loss_reference",
+    "nms",
+    "nms_reference",
+    "batched_nms",
+    "batched_nms_reference",
 ]
