@@ -25,7 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    environment, measure_in_subprocess, peak_rss_mib, print_table, time_fn, write_json,
+    environment, measure_in_subprocess, peak_rss_mib, print_table, reset_peak_rss, rss_mib, time_fn,
+    write_json,
 )
 
 from codetr.ops import (  # noqa: E402
@@ -141,20 +142,6 @@ DEFAULT_CASES = "I1,I2,G1,N1"
 IMPLS = ("compiled", "torchvision", "reference")
 
 
-def _peak_mib() -> float:
-    """Peak resident memory of this process image, in MiB. Linux's VmHWM, because
-    ru_maxrss (common.peak_rss_mib) survives fork + exec: a probe started by a parent that
-    already peaked higher (the timing runs) would always read 0 extra."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return peak_rss_mib()
-
-
 def probe(case: str, impl: str, device: str) -> None:
     """Peak extra memory of one call, in a fresh process (see common.py)."""
     dev = torch.device(device)
@@ -167,9 +154,10 @@ def probe(case: str, impl: str, device: str) -> None:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() / 2**20 - base
     else:
-        base = _peak_mib()
+        reset_peak_rss()
+        base = rss_mib()
         fn()
-        peak = _peak_mib() - base
+        peak = peak_rss_mib() - base
     print(f'{{"peak_mib": {peak:.1f}}}')
 
 
