@@ -126,7 +126,7 @@ def build_backbone(cfg: BackboneConfig) -> nn.Module:
     if cfg.kind == "efficientnet_lite0":
         # frozen_stages=1 freezes the stem and the blocks up to stride 4 (blocks 0..2), as
         # ResNet's stem + layer1.
-        frozen_blocks = {0: 0, 1: 3, 2: 5, 3: 8}[cfg.frozen_stages]
+        frozen_blocks = {0: 0, 1: 3, 2: 5, 3: 8, 4: 16}[cfg.frozen_stages]
         return EfficientNetLite0(pretrained=cfg.pretrained, weights=cfg.weights, frozen_blocks=frozen_blocks)
     raise ValueError(f"unknown backbone kind {cfg.kind!r}")
 
