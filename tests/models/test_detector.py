@@ -96,3 +96,12 @@ def test_padding_does_not_change_predictions(model):
     torch.testing.assert_close(both["scores"], alone["scores"], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(both["boxes"], alone["boxes"], atol=1e-3, rtol=1e-4)
     assert torch.equal(both["labels"], alone["labels"])
+
+
+def test_r50_preset_builds_and_runs():
+    torch.manual_seed(0)
+    model = build_detector("deformable_detr_pp_r50", 80).eval()
+    assert len(model.encoder.layers) == 6 and len(model.decoder.layers) == 6 and model.num_queries == 300
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 128, 128), torch.zeros(1, 128, 128, dtype=torch.bool))
+    assert out[0]["boxes"].shape == (100, 4) and int(out[0]["labels"].max()) < 80
