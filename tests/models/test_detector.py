@@ -105,3 +105,14 @@ def test_r50_preset_builds_and_runs():
     with torch.no_grad():
         out = model(torch.randn(1, 3, 128, 128), torch.zeros(1, 128, 128, dtype=torch.bool))
     assert out[0]["boxes"].shape == (100, 4) and int(out[0]["labels"].max()) < 80
+
+
+def test_bf16_autocast_training_step_is_finite(model):
+    images, masks = _batch()
+    model.train()
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(images, masks, _targets())
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
