@@ -94,5 +94,9 @@ class MSDeformAttn(nn.Module):
         else:
             locations = (reference_points[:, :, None, :, None, :2]
                          + offsets / P * reference_points[:, :, None, :, None, 2:] * 0.5)
-        out = ms_deform_attn(v, spatial_shapes, level_start_index, locations, weights)
+        # Coordinates and weights in (at least) fp32 even when autocast made them half: the
+        # op's contract (sub-pixel positions need the mantissa).
+        coord_dtype = torch.promote_types(locations.dtype, torch.float32)
+        out = ms_deform_attn(v, spatial_shapes, level_start_index, locations.to(coord_dtype),
+                             weights.to(coord_dtype))
         return self.output_proj(out)

@@ -1,0 +1,191 @@
+"""Deformable transformer: encoder over multi-scale tokens, decoder with box reference points,
+iterative refinement and look-forward-twice (DINO)."""
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ms_deform_attn import MSDeformAttn
+from .position_encoding import coord_sine_embed
+
+
+def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    x = x.clamp(0, 1)
+    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+
+class MLP(nn.Module):
+    """Linear layers with ReLU between them (DETR's box head)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int):
+        super().__init__()
+        dims = [in_dim] + [hidden_dim] * (num_layers - 1)
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims, dims[1:] + [out_dim]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
+        return x
+
+
+class FFN(nn.Module):
+    """Post-norm feed-forward block: x + Linear(ReLU(Linear(x))) -> LayerNorm."""
+
+    def __init__(self, d_model: int, dim_ff: int, dropout: float):
+        super().__init__()
+        self.linear1, self.linear2 = nn.Linear(d_model, dim_ff), nn.Linear(dim_ff, d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(x))))))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, d_model: int, dim_ff: int, n_levels: int, n_heads: int, n_points: int, dropout: float):
+        super().__init__()
+        self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
+        self.dropout = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(d_model)
+        self.ffn = FFN(d_model, dim_ff, dropout)
+
+    def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask):
+        out = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)
+        return self.ffn(self.norm(src + self.dropout(out)))
+
+
+class DeformableEncoder(nn.Module):
+    """Args: d_model, num_layers, dim_ff (FFN hidden size), n_levels, n_heads, n_points, dropout.
+
+    ``forward(src [B, S, C], pos [B, S, C], spatial_shapes [L, 2], level_start_index [L],
+    valid_ratios [B, L, 2] (w, h fraction of each level that is not padding),
+    padding_mask [B, S])`` -> memory ``[B, S, C]``.
+    """
+
+    def __init__(self, d_model: int = 256, num_layers: int = 6, dim_ff: int = 2048, n_levels: int = 4,
+                 n_heads: int = 8, n_points: int = 4, dropout: float = 0.0):
+        super().__init__()
+        layer = EncoderLayer(d_model, dim_ff, n_levels, n_heads, n_points, dropout)
+        self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
+
+    @staticmethod
+    def reference_points(spatial_shapes: torch.Tensor, valid_ratios: torch.Tensor) -> torch.Tensor:
+        """[B, S, L, 2]: each token's pixel centre, normalised by its level's *valid* extent,
+        then mapped into every level's padded frame (x valid_ratio of that level)."""
+        refs = []
+        for lvl, (H, W) in enumerate(spatial_shapes.tolist()):
+            ys, xs = torch.meshgrid(
+                torch.arange(H, dtype=torch.float32, device=valid_ratios.device) + 0.5,
+                torch.arange(W, dtype=torch.float32, device=valid_ratios.device) + 0.5, indexing="ij")
+            ref_y = ys.reshape(1, -1) / (valid_ratios[:, None, lvl, 1] * H)
+            ref_x = xs.reshape(1, -1) / (valid_ratios[:, None, lvl, 0] * W)
+            refs.append(torch.stack((ref_x, ref_y), -1))
+        refs = torch.cat(refs, 1)
+        return refs[:, :, None] * valid_ratios[:, None]
+
+    def forward(self, src, pos, spatial_shapes, level_start_index, valid_ratios, padding_mask):
+        ref = self.reference_points(spatial_shapes, valid_ratios).to(src.dtype)
+        for layer in self.layers:
+            src = layer(src, pos, ref, spatial_shapes, level_start_index, padding_mask)
+        return src
+
+
+class DecoderLayer(nn.Module):
+    """Self-attention among queries -> deformable cross-attention -> FFN, post-norm."""
+
+    def __init__(self, d_model: int, dim_ff: int, n_levels: int, n_heads: int, n_points: int, dropout: float):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.ffn = FFN(d_model, dim_ff, dropout)
+
+    def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, level_start_index,
+                memory_padding_mask, self_attn_mask=None):
+        q = k = tgt + query_pos
+        out = self.self_attn(q, k, tgt, attn_mask=self_attn_mask, need_weights=False)[0]
+        tgt = self.norm1(tgt + self.dropout(out))
+        out = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index,
+                              memory_padding_mask)
+        tgt = self.norm2(tgt + self.dropout(out))
+        return self.ffn(tgt)
+
+
+class DeformableDecoder(nn.Module):
+    """Decoder with iterative box refinement. It owns one box head per layer (``bbox_heads``)
+    because each layer's refined boxes are the next layer's references.
+
+    The forward takes the queries and reference boxes as arguments (it is not tied to the
+    two-stage selection), so Co-DETR can run extra query groups (customised positive queries)
+    through the same decoder.
+
+    Args: d_model, num_layers, dim_ff, n_levels, n_heads, n_points, dropout.
+    """
+
+    def __init__(self, d_model: int = 256, num_layers: int = 6, dim_ff: int = 2048, n_levels: int = 4,
+                 n_heads: int = 8, n_points: int = 4, dropout: float = 0.0):
+        super().__init__()
+        layer = DecoderLayer(d_model, dim_ff, n_levels, n_heads, n_points, dropout)
+        self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
+        self.d_model = d_model
+        # Query positions from the current reference boxes, recomputed every layer (DINO):
+        # sine(cx, cy, w, h) -> 2-layer MLP.
+        self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
+        self.bbox_heads = nn.ModuleList(MLP(d_model, d_model, 4, 3) for _ in range(num_layers))
+        for head in self.bbox_heads:
+            # Start as the identity refinement: boxes equal their references.
+            nn.init.zeros_(head.layers[-1].weight)
+            nn.init.zeros_(head.layers[-1].bias)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        reference_boxes: torch.Tensor,
+        memory: torch.Tensor,
+        spatial_shapes: torch.Tensor,
+        level_start_index: torch.Tensor,
+        valid_ratios: torch.Tensor,
+        memory_padding_mask: Optional[torch.Tensor] = None,
+        self_attn_mask: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Args:
+            query: [B, Q, C] content queries.
+            reference_boxes: [B, Q, 4] initial boxes (cx, cy, w, h) in [0, 1] of the unpadded
+                image; treated as constants (detach them if they come from a network).
+            memory: [B, S, C] encoder output.
+            spatial_shapes: [L, 2]; level_start_index: [L]; valid_ratios: [B, L, 2].
+            memory_padding_mask: [B, S] True on padding.
+            self_attn_mask: optional [Q, Q] or [B * n_heads, Q, Q] bool mask (True = blocked)
+                for query groups that must not see each other.
+        Returns:
+            hidden: [num_layers, B, Q, C] every layer's output queries.
+            boxes: [num_layers, B, Q, 4] every layer's predicted boxes (cx, cy, w, h) in [0, 1].
+                Look-forward-twice: layer i's box adds its delta to layer i-1's *undetached*
+                box, so layer i's loss also trains layer i-1's box head; the reference that
+                layer i+1 samples around is detached (stable refinement).
+        """
+        ref = reference_boxes.detach()
+        prev_box = ref  # layer i-1's refined box, undetached (the input boxes for layer 0)
+        hidden, boxes = [], []
+        vr = torch.cat((valid_ratios, valid_ratios), -1)[:, None]  # [B, 1, L, 4]
+        out = query
+        for i, layer in enumerate(self.layers):
+            ref_input = ref[:, :, None] * vr  # boxes in each level's padded frame
+            query_pos = self.ref_point_head(coord_sine_embed(ref, self.d_model // 2))
+            out = layer(out, query_pos, ref_input, memory, spatial_shapes, level_start_index,
+                        memory_padding_mask, self_attn_mask)
+            delta = self.bbox_heads[i](out)
+            # Same value as `refined`, but the gradient also reaches layer i-1's box head.
+            boxes.append((delta + inverse_sigmoid(prev_box)).sigmoid())
+            hidden.append(out)
+            refined = (delta + inverse_sigmoid(ref)).sigmoid()  # gradient to this layer only
+            prev_box = refined
+            ref = refined.detach()
+        return torch.stack(hidden), torch.stack(boxes)
