@@ -6,7 +6,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from codetr.box_ops import box_cxcywh_to_xyxy
-from codetr.losses.giou import generalized_box_iou
+from codetr.ops import box_iou
 
 
 def focal_class_cost(logits: torch.Tensor, labels: torch.Tensor, alpha: float = 0.25,
@@ -45,7 +45,7 @@ class HungarianMatcher(nn.Module):
             logits, boxes, gt_boxes = logits.float(), boxes.float(), gt_boxes.float()
             c_cls = focal_class_cost(logits, labels, self.alpha, self.gamma)
             c_l1 = torch.cdist(boxes, gt_boxes, p=1)
-            c_giou = -generalized_box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(gt_boxes))
+            c_giou = -box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(gt_boxes), mode="giou")
             return self.cost_class * c_cls + self.cost_bbox * c_l1 + self.cost_giou * c_giou
 
     @torch.no_grad()

@@ -1,6 +1,5 @@
-"""Losses: focal, L1, GIoU and the DETR set criterion."""
+"""Losses: focal, L1 and the DETR set criterion (GIoU is codetr.ops.generalized_box_iou_loss)."""
 from .criterion import SetCriterion
 from .focal import sigmoid_focal_loss
-from .giou import generalized_box_iou, generalized_box_iou_loss
 
-__all__ = ["SetCriterion", "sigmoid_focal_loss", "generalized_box_iou", "generalized_box_iou_loss"]
+__all__ = ["SetCriterion", "sigmoid_focal_loss"]

@@ -11,7 +11,7 @@ from torch import nn
 from codetr.box_ops import box_cxcywh_to_xyxy
 
 from .focal import sigmoid_focal_loss
-from .giou import generalized_box_iou_loss
+from codetr.ops import generalized_box_iou_loss
 
 if TYPE_CHECKING:  # the matcher imports the losses package: avoid an import cycle
     from codetr.assigners.hungarian import HungarianMatcher
