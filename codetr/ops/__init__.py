@@ -4,12 +4,18 @@
 (or `set_ops_mode`) forces one.
 """
 from ._extension import extension_info, get_ops_mode, set_ops_mode
+from .atss_assign import atss_assign, atss_assign_reference
+from .max_iou_assign import max_iou_assign, max_iou_assign_reference
 from .ms_deform_attn import ms_deform_attn, ms_deform_attn_reference
 
 __all__ = [
     "extension_info",
     "get_ops_mode",
     "set_ops_mode",
+    "atss_assign",
+    "atss_assign_reference",
+    "max_iou_assign",
+    "max_iou_assign_reference",
     "ms_deform_attn",
     "ms_deform_attn_reference",
 ]
