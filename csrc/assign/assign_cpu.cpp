@@ -161,7 +161,7 @@ void max_iou_kernel(const T* priors, bool shared_priors, int64_t A, const T* gts
           const int32_t g32 = static_cast<int32_t>(g);
           for (int64_t j = 0; j < n; ++j) {
             // Bitwise operators: no short circuit, so the loop vectorises.
-            const bool take = !is_nan(rmax[j]) & (is_nan(iou[j]) | (iou[j] > rmax[j]));
+            const bool take = (rmax[j] == rmax[j]) & (is_nan(iou[j]) | (iou[j] > rmax[j]));
             rmax[j] = take ? iou[j] : rmax[j];
             rarg[j] = take ? g32 : rarg[j];
           }

@@ -72,12 +72,13 @@ __global__ void atss_candidates_kernel(const T* __restrict__ anchors, const T* _
   }
 }
 
-// Order-preserving key of a non-negative IoU (0 = no positive yet).
+// Order-preserving key of a non-negative IoU (0 = no positive yet); v + 0 turns a -0 IoU
+// (a product of -0 and a positive side) into +0, whose bits order correctly.
 __device__ __forceinline__ unsigned long long iou_key(float v) {
-  return static_cast<unsigned long long>(__float_as_uint(v)) + 1ull;
+  return static_cast<unsigned long long>(__float_as_uint(v + 0.0f)) + 1ull;
 }
 __device__ __forceinline__ unsigned long long iou_key(double v) {
-  return static_cast<unsigned long long>(__double_as_longlong(v)) + 1ull;
+  return static_cast<unsigned long long>(__double_as_longlong(v + 0.0)) + 1ull;
 }
 __device__ __forceinline__ float iou_from_key(unsigned long long k, float) {
   return __uint_as_float(static_cast<unsigned int>(k - 1ull));
