@@ -13,7 +13,7 @@ and, suffixed -rcnn, the R-CNN one (0.5 / 0.5, no low-quality matches). Gts are 
 inside the image, sides up to 60% of it. Reports medians of the call, their ratio, and the
 peak memory of one call, each measured in a fresh process.
 
-    python benchmarks/bench_assign.py [--cases T1-G7,...] [--repeats 5]
+    python benchmarks/bench_assign.py [--cases T1-G7,...] [--repeats 5] [--threads N]
         [--device cpu|cuda] [--out benchmarks/results/assign.json]
 """
 from __future__ import annotations
@@ -81,12 +81,33 @@ def make_inputs(case: str, device: torch.device, seed: int = 0):
     return (a.to(device), gts, counts, *preset), op
 
 
+def _hwm_mib(reset: bool = False) -> float | None:
+    """This process's peak RSS (VmHWM) in MiB, optionally reset to the current RSS first.
+
+    common.peak_rss_mib reads ru_maxrss, which Linux carries over from the parent through
+    fork and exec: a probe started by a parent that already ran a reference would see no
+    growth. VmHWM belongs to the new address space, and /proc/self/clear_refs resets it."""
+    try:
+        if reset:
+            Path("/proc/self/clear_refs").write_text("5")
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
 def probe(case: str, impl: str, device: str) -> None:
     """Peak extra memory of one call, in a fresh process (see common.py)."""
     dev = torch.device(device)
     args, op = make_inputs(case, dev)
     fn = IMPLS[op][impl]
-    if dev.type == "cuda":
+    if dev.type == "cpu" and _hwm_mib(reset=True) is not None:
+        base = _hwm_mib()
+        fn(*args)
+        peak = _hwm_mib() - base
+    elif dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated() / 2**20
@@ -106,6 +127,8 @@ def main() -> None:
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads for both implementations (default: torch's)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "assign.json"))
     ap.add_argument("--probe", nargs=3, metavar=("CASE", "IMPL", "DEVICE"), help=argparse.SUPPRESS)
@@ -113,6 +136,8 @@ def main() -> None:
     if args.probe:
         return probe(*args.probe)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     rows = []
     for case in args.cases.split(","):

@@ -24,8 +24,9 @@ template <typename T>
 void atss_kernel(const T* anchors, int64_t A, const std::vector<int64_t>& start, const T* gts,
                  const int64_t* counts, int64_t B, int64_t G, int64_t topk, int64_t C,
                  int64_t* assigned, T* max_iou) {
+  // Small passes run inline (grain sizes): a parallel region costs more than they do.
   std::vector<T> cx(A), cy(A);
-  at::parallel_for(0, A, 4096, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, A, 1 << 18, [&](int64_t begin, int64_t end) {
     for (int64_t a = begin; a < end; ++a) {
       cx[a] = centre(anchors[4 * a], anchors[4 * a + 2]);
       cy[a] = centre(anchors[4 * a + 1], anchors[4 * a + 3]);
@@ -53,7 +54,9 @@ void atss_kernel(const T* anchors, int64_t A, const std::vector<int64_t>& start,
   // items are sorted by image then gt: image b's occupy [first[b], first[b + 1]).
   std::vector<int64_t> first(B + 1, 0);
   for (int64_t b = 0; b < B; ++b) first[b + 1] = first[b] + counts[b];
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+  // Parallel over images only when their outputs are large enough to be worth a region.
+  at::parallel_for(0, B, std::max<int64_t>(1, (int64_t(1) << 17) / A), [&](int64_t begin,
+                                                                        int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       int64_t* as = assigned + b * A;
       T* mi = max_iou + b * A;
@@ -198,7 +201,8 @@ void max_iou_kernel(const T* priors, bool shared_priors, int64_t A, const T* gts
   // Per gt over all priors: combine the block maxima (torch.max: first prior on ties).
   std::vector<T> gt_max(B * G);
   std::vector<int64_t> gt_arg(B * G, 0);
-  at::parallel_for(0, B * G, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * G, std::max<int64_t>(1, (int64_t(1) << 16) / nblk), [&](int64_t begin,
+                                                                               int64_t end) {
     for (int64_t bg = begin; bg < end; ++bg) {
       const int64_t b = bg / G, g = bg % G;
       if (g >= counts[b]) continue;

@@ -226,6 +226,18 @@ def test_dtypes(mode, dtype):
                                                 gts.to(dtype).float(), counts))
 
 
+def test_autocast_keeps_float32(mode):
+    g = torch.Generator().manual_seed(15)
+    anchors, levels = grid_anchors(64, 96, strides=(8, 16, 32))
+    gts = random_gts(g, 2, 5, 64, 96)
+    counts = torch.tensor([5, 1])
+    want = atss_assign(anchors, levels, gts, counts)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = atss_assign(anchors, levels, gts, counts)
+    assert got[1].dtype == torch.float32
+    assert_same(got, want)
+
+
 def test_mixed_dtypes_and_non_contiguous(mode):
     g = torch.Generator().manual_seed(6)
     anchors, levels = grid_anchors(64, 64, strides=(8, 16))

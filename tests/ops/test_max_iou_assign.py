@@ -201,6 +201,15 @@ def test_dtypes(mode, dtype):
                     oracle(priors.to(dtype).float(), gts.to(dtype).float(), counts, *args))
 
 
+def test_autocast_keeps_float32(mode):
+    priors, gts, counts = small_case(15)
+    want = max_iou_assign(priors, gts, counts, *PRESETS["rpn"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = max_iou_assign(priors, gts, counts, *PRESETS["rpn"])
+    assert got[1].dtype == torch.float32
+    assert_same(got, want)
+
+
 def test_non_contiguous(mode):
     priors, gts, counts = small_case(6)
     want = max_iou_assign(priors, gts, counts, *PRESETS["rpn"])
