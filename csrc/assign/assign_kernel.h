@@ -159,12 +159,14 @@ CODETR_HOST_DEVICE void heap_sift_down(T* dist, int64_t* idx, int64_t n) {
 }
 
 // Squared distances above this cannot belong to an anchor at distance <= d: sqrt rounds to
-// nearest, so sqrt(x) <= d needs x < (d + ulp(d) / 2)^2 < d^2 (1 + 4 eps); the margin
-// 8 eps also covers the rounding of d * d. Infinite or NaN for an infinite or NaN d, which
+// nearest, so sqrt(x) <= d needs x <= (d + ulp(d) / 2)^2 <= d^2 (1 + 1.01 eps); the
+// relative margin 8 eps also covers the rounding of d * d, and the smallest normal number
+// added covers a d * d that underflows. Infinite or NaN for an infinite or NaN d, which
 // screens nothing out.
 template <typename T>
 CODETR_HOST_DEVICE T screen_bound(T d) {
-  return mul_rn(mul_rn(d, d), T(1) + T(8) * std::numeric_limits<T>::epsilon());
+  return mul_rn(mul_rn(d, d), T(1) + T(8) * std::numeric_limits<T>::epsilon()) +
+         std::numeric_limits<T>::min();
 }
 
 // mmdetection's per-level candidate selection for one gt: the k = min(topk, end - begin)

@@ -136,6 +136,34 @@ def test_distance_ties_go_to_lower_index(mode, topk):
     assert not torch.equal(got[0], other[0])
 
 
+@pytest.mark.parametrize("topk", [1, 9, 40])
+def test_scattered_anchors_with_duplicates(mode, topk):
+    # Anchors in no grid order, many sharing a centre (exact distance ties), levels of
+    # different sizes including an empty one.
+    g = torch.Generator().manual_seed(topk)
+    boxes = random_gts(g, 1, 60, 100, 100, min_side=4)[0]
+    anchors = torch.cat([boxes, boxes[:20].flip(0), boxes[10:30] + 0.0])  # 100 anchors
+    anchors[::7] = anchors[3]
+    levels = [50, 30, 0, 20]
+    gts = random_gts(g, 2, 5, 100, 100, min_side=8)
+    counts = torch.tensor([5, 4])
+    got = atss_assign(anchors, levels, gts, counts, topk)
+    assert_same(got, oracle(anchors, [n for n in levels if n], gts, counts, topk))
+
+
+@pytest.mark.parametrize("scale", [3e-3, 1e18])
+def test_extreme_scales(compiled, scale):
+    # Boxes a few hundredths of a pixel wide (the 0.01 inside margin almost rules them out),
+    # and coordinates whose squared distances and areas approach the float32 maximum.
+    g = torch.Generator().manual_seed(2)
+    anchors, levels = grid_anchors(64, 64, strides=(8, 16), scales=(4.0,))
+    gts = random_gts(g, 2, 4, 64, 64)
+    counts = torch.tensor([4, 3])
+    got = atss_assign(anchors * scale, levels, gts * scale, counts)
+    assert_same(got, atss_assign_reference(anchors * scale, levels, gts * scale, counts))
+    assert (got[0] > 0).any()
+
+
 def test_identical_gts_first_wins(mode):
     anchors, levels = grid_anchors(64, 64, strides=(8, 16), scales=(4.0,))
     box = torch.tensor([10.0, 14.0, 40.0, 44.0])
