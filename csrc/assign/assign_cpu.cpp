@@ -173,11 +173,11 @@ void max_iou_kernel(const T* priors, bool shared_priors, int64_t A, const T* gts
         // Per gt over this block's priors: a vectorised max, then (rarely needed) the
         // first index reaching it; NaNs take the exact ordered scan.
         T m = iou[0];
-        bool any_nan = false;
-#pragma omp simd reduction(max : m) reduction(|| : any_nan)
+        int any_nan = 0;  // an int |-reduction vectorises where a bool || does not
+#pragma omp simd reduction(max : m) reduction(| : any_nan)
         for (int64_t j = 0; j < n; ++j) {
           m = iou[j] > m ? iou[j] : m;
-          any_nan = any_nan || is_nan(iou[j]);
+          any_nan |= static_cast<int>(is_nan(iou[j]));
         }
         int64_t arg = 0;
         if (any_nan) {
