@@ -146,7 +146,7 @@ def main() -> None:
         outs = {}
         for impl, fn in IMPLS[op].items():
             # The reference is slow on the big cases: fewer repeats keep the run short.
-            repeats = args.repeats if impl == "compiled" else max(1, min(args.repeats, 3))
+            repeats = args.repeats if impl == "compiled" else max(1, min(args.repeats, 5))
             row[f"{impl}_ms"] = 1e3 * time_fn(lambda: fn(*inputs), device, repeats)
             outs[impl] = fn(*inputs)
             if not args.no_memory:
@@ -161,7 +161,7 @@ def main() -> None:
         print(f"case {case} done", file=sys.stderr, flush=True)
 
     print(f"\nassigners on {device} ({torch.get_num_threads()} threads), batch {B}, median of "
-          f"{args.repeats} (reference: of at most 3)")
+          f"{args.repeats} (reference: of at most 5)")
     print_table(rows, [
         ("case", "case", "s"), ("A", "A", "d"), ("G", "G", "d"),
         ("compiled_ms", "ms", ".2f"), ("reference_ms", "ref ms", ".1f"),
