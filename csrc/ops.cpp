@@ -35,4 +35,20 @@ TORCH_LIBRARY(codetr, m) {
   // scores [K], idxs [K] int64  ->  kept indices [K'] int64, by decreasing score
   m.def("nms(Tensor boxes, Tensor scores, float iou_threshold) -> Tensor");
   m.def("batched_nms(Tensor boxes, Tensor scores, Tensor idxs, float iou_threshold) -> Tensor");
+
+  // ATSS assignment (mmdetection's ATSSAssigner), batched over padded gts.
+  //   anchors [A, 4] xyxy, num_anchors_per_level: A_l summing to A, gt_boxes [B, G, 4],
+  //   gt_counts [B] int64  ->  (assigned [B, A] int64: 0 negative, k + 1 gt k;
+  //   max_iou [B, A] float32, or float64 for float64 boxes)
+  m.def(
+      "atss_assign(Tensor anchors, int[] num_anchors_per_level, Tensor gt_boxes, "
+      "Tensor gt_counts, int topk=9) -> (Tensor, Tensor)");
+  // Max-IoU assignment (mmdetection's MaxIoUAssigner), batched over padded gts.
+  //   priors [A, 4] or [B, A, 4], gt_boxes [B, G, 4], gt_counts [B] int64; negatives where
+  //   neg_iou_lo <= max_iou < neg_iou_hi  ->  (assigned [B, A] int64: -1 ignored,
+  //   0 negative, k + 1 gt k; max_iou [B, A] float32, or float64 for float64 boxes)
+  m.def(
+      "max_iou_assign(Tensor priors, Tensor gt_boxes, Tensor gt_counts, float pos_iou_thr, "
+      "float neg_iou_lo, float neg_iou_hi, float min_pos_iou, bool match_low_quality, "
+      "bool gt_max_assign_all) -> (Tensor, Tensor)");
 }
