@@ -16,4 +16,16 @@ TORCH_LIBRARY(codetr, m) {
       "ms_deform_attn_backward(Tensor grad_output, Tensor value, Tensor spatial_shapes, "
       "Tensor level_start_index, Tensor sampling_locations, Tensor attention_weights) "
       "-> (Tensor, Tensor, Tensor)");
+  // RoIAlign (Mask R-CNN), torchvision.ops.roi_align's semantics.
+  //   input [N, C, H, W], rois [K, 5] (batch_index, x1, y1, x2, y2)
+  //   -> [K, C, pooled_height, pooled_width]
+  m.def(
+      "roi_align(Tensor input, Tensor rois, float spatial_scale, int pooled_height, "
+      "int pooled_width, int sampling_ratio, bool aligned) -> Tensor");
+  //   grad_output [K, C, pooled_height, pooled_width] -> grad_input [batch_size, channels,
+  //   height, width] (the RoIs get no gradient)
+  m.def(
+      "roi_align_backward(Tensor grad_output, Tensor rois, float spatial_scale, "
+      "int pooled_height, int pooled_width, SymInt batch_size, SymInt channels, SymInt height, "
+      "SymInt width, int sampling_ratio, bool aligned) -> Tensor");
 }

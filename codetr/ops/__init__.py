@@ -5,6 +5,8 @@
 """
 from ._extension import extension_info, get_ops_mode, set_ops_mode
 from .ms_deform_attn import ms_deform_attn, ms_deform_attn_reference
+from .multiscale_roi_align import MultiScaleRoIAlign, map_roi_levels
+from .roi_align import roi_align, roi_align_reference
 
 __all__ = [
     "extension_info",
@@ -12,4 +14,8 @@ __all__ = [
     "set_ops_mode",
     "ms_deform_attn",
     "ms_deform_attn_reference",
+    "roi_align",
+    "roi_align_reference",
+    "MultiScaleRoIAlign",
+    "map_roi_levels",
 ]
