@@ -27,7 +27,9 @@ from common import (  # noqa: E402
     environment, measure_in_subprocess, peak_rss_mib, print_table, time_fn, write_json,
 )
 
-from codetr.ops import map_roi_levels, roi_align, roi_align_reference  # noqa: E402
+from codetr.ops import (  # noqa: E402
+    map_roi_levels, multiscale_roi_align, roi_align, roi_align_reference,
+)
 
 LEVELS = [(100, 167), (50, 84), (25, 42), (13, 21)]
 STRIDES = [8, 16, 32, 64]
@@ -66,16 +68,11 @@ def make_inputs(device: torch.device, seed: int = 0, requires_grad: bool = False
 
 
 def pooled(case: str, fn, features, rois):
-    """[K, C, 7, 7]: one call per level (R1), exactly as MultiScaleRoIAlign.forward does but
-    with `fn` as the RoIAlign, or one call on the finest level (R1-L0)."""
+    """[K, C, 7, 7]: MultiScaleRoIAlign's forward with `fn` as the RoIAlign (R1), or one
+    call on the finest level (R1-L0)."""
     if CASES[case] == "finest":
         return fn(features[0], rois, OUT, 1.0 / STRIDES[0], 0, True)
-    levels = map_roi_levels(rois, len(features), 56.0)
-    out = features[0].new_zeros((rois.shape[0], C, OUT, OUT))
-    for lvl, (feat, stride) in enumerate(zip(features, STRIDES)):
-        inds = torch.nonzero(levels == lvl).squeeze(1)
-        out[inds] = fn(feat, rois[inds], OUT, 1.0 / stride, 0, True)
-    return out
+    return multiscale_roi_align(features, rois, OUT, STRIDES, 0, True, 56.0, roi_align_fn=fn)
 
 
 def run(case, fn, features, rois, backward: bool):
@@ -85,6 +82,20 @@ def run(case, fn, features, rois, backward: bool):
         for f in features:
             f.grad = None
     return out
+
+
+def _peak_rss_mib() -> float:
+    """Peak resident memory of this process (VmHWM, Linux) in MiB. common.peak_rss_mib
+    reads ru_maxrss, which Linux carries over from the parent across fork + exec, so a
+    probe started by a large benchmark process would measure nothing."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return peak_rss_mib()
 
 
 def probe(case: str, impl: str, device: str) -> None:
@@ -99,9 +110,9 @@ def probe(case: str, impl: str, device: str) -> None:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() / 2**20 - base
     else:
-        base = peak_rss_mib()
+        base = _peak_rss_mib()
         run(case, IMPLS[impl], features, rois, backward=True)
-        peak = peak_rss_mib() - base
+        peak = _peak_rss_mib() - base
     print(f'{{"peak_mib": {peak:.1f}}}')
 
 

@@ -5,7 +5,7 @@
 """
 from ._extension import extension_info, get_ops_mode, set_ops_mode
 from .ms_deform_attn import ms_deform_attn, ms_deform_attn_reference
-from .multiscale_roi_align import MultiScaleRoIAlign, map_roi_levels
+from .multiscale_roi_align import MultiScaleRoIAlign, map_roi_levels, multiscale_roi_align
 from .roi_align import roi_align, roi_align_reference
 
 __all__ = [
@@ -18,4 +18,5 @@ __all__ = [
     "roi_align_reference",
     "MultiScaleRoIAlign",
     "map_roi_levels",
+    "multiscale_roi_align",
 ]

@@ -34,6 +34,68 @@ def map_roi_levels(rois: torch.Tensor, num_levels: int, finest_scale: float = 56
     return levels.clamp(min=0, max=num_levels - 1).long()
 
 
+def multiscale_roi_align(
+    features: list[torch.Tensor],
+    rois: torch.Tensor,
+    output_size: int | tuple[int, int],
+    strides: tuple[int, ...],
+    sampling_ratio: int = 0,
+    aligned: bool = True,
+    finest_scale: float = 56.0,
+    roi_align_fn=roi_align,
+) -> torch.Tensor:
+    """Functional form of `MultiScaleRoIAlign` (see there); `roi_align_fn` is the RoIAlign
+    used on each level (another implementation with roi_align's signature, for
+    benchmarks).
+
+    Each level's RoIs are pooled in one call and written to their rows of the output; the
+    backward pass gathers each level's rows of the output gradient (no per-level copies of
+    the whole output or of its gradient).
+    """
+    if len(features) != len(strides):
+        raise ValueError(
+            f"MultiScaleRoIAlign: features must hold one map per stride ({len(strides)}), got "
+            f"{len(features)}"
+        )
+    if rois.dim() != 2 or rois.shape[1] != 5:
+        raise ValueError(
+            "MultiScaleRoIAlign: rois must be [K, 5] (batch_index, x1, y1, x2, y2), got shape "
+            f"{tuple(rois.shape)}"
+        )
+    C = features[0].shape[1]
+    if any(f.dim() != 4 or f.shape[1] != C for f in features):
+        raise ValueError(
+            "MultiScaleRoIAlign: features must be 4-d [N, C, H_l, W_l] with one C, got shapes "
+            f"{[tuple(f.shape) for f in features]}"
+        )
+    output_size = _pair(output_size)
+    levels = map_roi_levels(rois, len(features), finest_scale)
+    rows = [torch.nonzero(levels == lvl).squeeze(1) for lvl in range(len(features))]
+    pooled = [
+        roi_align_fn(feat, rois[r], output_size, 1.0 / stride, sampling_ratio, aligned)
+        for feat, r, stride in zip(features, rows, strides)
+    ]
+    return _PutRows.apply(rows, *pooled)
+
+
+class _PutRows(torch.autograd.Function):
+    """out[rows[l]] = values[l] for each l, where the rows partition range(K): one write
+    of the output forward, one gather of each part of its gradient backward."""
+
+    @staticmethod
+    def forward(ctx, rows, *values):
+        K = sum(r.numel() for r in rows)
+        out = values[0].new_empty((K, *values[0].shape[1:]))
+        for r, v in zip(rows, values):
+            out[r] = v
+        ctx.rows = rows
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (None, *[grad[r] for r in ctx.rows])
+
+
 class MultiScaleRoIAlign(nn.Module):
     """RoIAlign on a feature pyramid, each RoI on the level `map_roi_levels` picks.
 
@@ -52,7 +114,7 @@ class MultiScaleRoIAlign(nn.Module):
         features: list of L maps [N, C, H_l, W_l] (same N, C and dtype).
         rois: [K, 5] (batch_index, x1, y1, x2, y2) in image pixels.
         returns [K, C, oh, ow], row k pooled from rois[k]'s level.
-    The per-level split reads the levels on the host (nonzero): one sync on CUDA, inherent
+    The per-level split (nonzero) reads the levels on the host: one sync on CUDA, inherent
     to running one RoIAlign per level.
     """
 
@@ -74,31 +136,10 @@ class MultiScaleRoIAlign(nn.Module):
         self.finest_scale = float(finest_scale)
 
     def forward(self, features: list[torch.Tensor], rois: torch.Tensor) -> torch.Tensor:
-        if len(features) != len(self.strides):
-            raise ValueError(
-                f"MultiScaleRoIAlign: features must hold one map per stride "
-                f"({len(self.strides)}), got {len(features)}"
-            )
-        if rois.dim() != 2 or rois.shape[1] != 5:
-            raise ValueError(
-                "MultiScaleRoIAlign: rois must be [K, 5] (batch_index, x1, y1, x2, y2), got "
-                f"shape {tuple(rois.shape)}"
-            )
-        C = features[0].shape[1]
-        if any(f.dim() != 4 or f.shape[1] != C for f in features):
-            raise ValueError(
-                "MultiScaleRoIAlign: features must be 4-d [N, C, H_l, W_l] with one C, got "
-                f"shapes {[tuple(f.shape) for f in features]}"
-            )
-        levels = map_roi_levels(rois, len(features), self.finest_scale)
-        out = features[0].new_zeros((rois.shape[0], C, *self.output_size))
-        for lvl, (feat, stride) in enumerate(zip(features, self.strides)):
-            inds = torch.nonzero(levels == lvl).squeeze(1)
-            # In place: an out-of-place index_put would copy the whole output per level.
-            out[inds] = roi_align(
-                feat, rois[inds], self.output_size, 1.0 / stride, self.sampling_ratio, self.aligned
-            )
-        return out
+        return multiscale_roi_align(
+            features, rois, self.output_size, self.strides, self.sampling_ratio, self.aligned,
+            self.finest_scale,
+        )
 
     def extra_repr(self) -> str:
         return (

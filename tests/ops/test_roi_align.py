@@ -339,11 +339,28 @@ def test_multiscale_matches_torchvision_module(path):
     torch.testing.assert_close(ours[order], expected)
 
 
+def test_multiscale_gradcheck_and_empty_levels(path):
+    g = torch.Generator().manual_seed(11)
+    feats = _pyramid(2, 2, (8, 16), (48, 64), g, torch.float64)
+    module = MultiScaleRoIAlign(2, strides=(8, 16))
+    rois = torch.tensor([[0, 4.0, 4, 30, 20], [1, -20, -30, 110, 90], [1, 10, 5, 20, 15]],
+                        dtype=torch.float64)
+    assert map_roi_levels(rois, 2).tolist() == [0, 1, 0]
+    assert torch.autograd.gradcheck(lambda *f: module(list(f), rois), tuple(feats), atol=1e-8)
+    # Only level 0 used: level 1 gets a zero gradient.
+    out = module(feats, rois[[0, 2]])
+    grads = torch.autograd.grad(out.sum(), feats)
+    assert grads[0].abs().sum() > 0 and torch.equal(grads[1], torch.zeros_like(grads[1]))
+
+
 def test_multiscale_empty_and_errors(path):
     g = torch.Generator().manual_seed(10)
     feats = _pyramid(1, 2, (8, 16), (32, 32), g)
     module = MultiScaleRoIAlign(3, strides=(8, 16))
-    assert module(feats, torch.zeros(0, 5)).shape == (0, 2, 3, 3)
+    out = module(feats, torch.zeros(0, 5))
+    assert out.shape == (0, 2, 3, 3)
+    out.sum().backward()
+    assert all(torch.equal(f.grad, torch.zeros_like(f)) for f in feats)
     with pytest.raises(ValueError, match="features"):
         module(feats[:1], torch.zeros(0, 5))
     with pytest.raises(ValueError, match="rois"):
