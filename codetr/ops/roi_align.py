@@ -93,7 +93,7 @@ def roi_align_reference(
         # Nothing is sampled; adding an empty sum keeps the output attached to input's graph.
         return input.new_zeros((K, C, PH, PW)) + input.reshape(-1)[:0].sum()
     dev = input.device
-    r = rois.to(compute)
+    r = rois.detach().to(compute)  # the RoIs get no gradient (torchvision's contract)
     b = r[:, 0]
     bad = ~((b > -1) & (b < N))
     if bool(bad.any()):

@@ -171,6 +171,13 @@ def test_torch_compile_fullgraph(compiled):
         torch.testing.assert_close(x.grad, x2.grad)
 
 
+def test_rois_get_no_gradient(path):
+    x = torch.randn(1, 2, 6, 6, requires_grad=True)
+    rois = torch.tensor([[0, 1.0, 1.5, 4.0, 5.0]], requires_grad=True)
+    roi_align(x, rois, 2, 1.0, 2, True).sum().backward()
+    assert rois.grad is None and x.grad is not None
+
+
 def test_empty(path):
     x = torch.randn(2, 3, 5, 6, requires_grad=True)
     out = roi_align(x, torch.zeros(0, 5), (2, 3), 1.0, -1, True)
