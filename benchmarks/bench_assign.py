@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    environment, measure_in_subprocess, peak_rss_mib, print_table, time_fn, write_json,
+    environment, measure_in_subprocess, peak_memory_mib, print_table, time_fn, write_json,
 )
 
 from codetr.ops import (  # noqa: E402
@@ -81,43 +81,12 @@ def make_inputs(case: str, device: torch.device, seed: int = 0):
     return (a.to(device), gts, counts, *preset), op
 
 
-def _hwm_mib(reset: bool = False) -> float | None:
-    """This process's peak RSS (VmHWM) in MiB, optionally reset to the current RSS first.
-
-    common.peak_rss_mib reads ru_maxrss, which Linux carries over from the parent through
-    fork and exec: a probe started by a parent that already ran a reference would see no
-    growth. VmHWM belongs to the new address space, and /proc/self/clear_refs resets it."""
-    try:
-        if reset:
-            Path("/proc/self/clear_refs").write_text("5")
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
-
-
 def probe(case: str, impl: str, device: str) -> None:
     """Peak extra memory of one call, in a fresh process (see common.py)."""
     dev = torch.device(device)
     args, op = make_inputs(case, dev)
     fn = IMPLS[op][impl]
-    if dev.type == "cpu" and _hwm_mib(reset=True) is not None:
-        base = _hwm_mib()
-        fn(*args)
-        peak = _hwm_mib() - base
-    elif dev.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated() / 2**20
-        fn(*args)
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() / 2**20 - base
-    else:
-        base = peak_rss_mib()
-        fn(*args)
-        peak = peak_rss_mib() - base
+    peak = peak_memory_mib(lambda: fn(*args), dev)
     print(f'{{"peak_mib": {peak:.1f}}}')
 
 

@@ -25,8 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    environment, measure_in_subprocess, peak_rss_mib, print_table, reset_peak_rss, rss_mib, time_fn,
-    write_json,
+    environment, measure_in_subprocess, peak_memory_mib, print_table, time_fn, write_json,
 )
 
 from codetr.ops import (  # noqa: E402
@@ -146,18 +145,7 @@ def probe(case: str, impl: str, device: str) -> None:
     """Peak extra memory of one call, in a fresh process (see common.py)."""
     dev = torch.device(device)
     fn = CASES[case][2](dev)[impl]
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated() / 2**20
-        fn()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() / 2**20 - base
-    else:
-        reset_peak_rss()
-        base = rss_mib()
-        fn()
-        peak = peak_rss_mib() - base
+    peak = peak_memory_mib(fn, dev)
     print(f'{{"peak_mib": {peak:.1f}}}')
 
 

@@ -18,8 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    environment, measure_in_subprocess, peak_rss_mib, print_table, reset_peak_rss, rss_mib, time_fn,
-    write_json,
+    environment, measure_in_subprocess, peak_memory_mib, print_table, time_fn, write_json,
 )
 
 from codetr.ops import ms_deform_attn, ms_deform_attn_reference  # noqa: E402
@@ -91,18 +90,7 @@ def probe(case: str, impl: str, device: str) -> None:
     run(IMPLS[impl], tiny, backward=True)
     del tiny
     inputs = make_inputs(case, dev, requires_grad=True)
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated() / 2**20
-        run(IMPLS[impl], inputs, backward=True)
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() / 2**20 - base
-    else:
-        reset_peak_rss()
-        base = rss_mib()
-        run(IMPLS[impl], inputs, backward=True)
-        peak = peak_rss_mib() - base
+    peak = peak_memory_mib(lambda: run(IMPLS[impl], inputs, backward=True), dev)
     print(f'{{"peak_mib": {peak:.1f}}}')
 
 

@@ -67,10 +67,26 @@ def peak_rss_mib() -> float:
     return _status_mib("VmHWM")
 
 
+def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float:
+    """Peak memory of fn() above what was in use when it started, in MiB: the caching
+    allocator's statistics on CUDA, the process's resident set (VmHWM after a reset) on the
+    CPU. Call it in a fresh process (measure_in_subprocess)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() / 2**20
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**20 - base
+    reset_peak_rss()
+    base = rss_mib()
+    fn()
+    return peak_rss_mib() - base
+
+
 def measure_in_subprocess(script: str, args: list[str]) -> dict:
     """Runs `python script --probe ...args` in a fresh process and returns the JSON line it
-    prints. A probe measures CPU peak memory as peak_rss_mib() - rss_mib() around the work,
-    after reset_peak_rss(). glibc is told to serve every allocation above 64 KiB with mmap,
+    prints (a probe uses peak_memory_mib). glibc is told to serve every allocation above 64 KiB with mmap,
     so that freed tensors leave the resident set at once and RSS tracks live memory."""
     out = subprocess.run(
         [sys.executable, script, "--probe", *args], check=True, capture_output=True, text=True,

@@ -51,4 +51,17 @@ TORCH_LIBRARY(codetr, m) {
       "max_iou_assign(Tensor priors, Tensor gt_boxes, Tensor gt_counts, float pos_iou_thr, "
       "float neg_iou_lo, float neg_iou_hi, float min_pos_iou, bool match_low_quality, "
       "bool gt_max_assign_all) -> (Tensor, Tensor)");
+
+  // RoIAlign (Mask R-CNN), torchvision.ops.roi_align's semantics.
+  //   input [N, C, H, W], rois [K, 5] (batch_index, x1, y1, x2, y2)
+  //   -> [K, C, pooled_height, pooled_width]
+  m.def(
+      "roi_align(Tensor input, Tensor rois, float spatial_scale, int pooled_height, "
+      "int pooled_width, int sampling_ratio, bool aligned) -> Tensor");
+  //   grad_output [K, C, pooled_height, pooled_width] -> grad_input [batch_size, channels,
+  //   height, width] (the RoIs get no gradient)
+  m.def(
+      "roi_align_backward(Tensor grad_output, Tensor rois, float spatial_scale, "
+      "int pooled_height, int pooled_width, SymInt batch_size, SymInt channels, SymInt height, "
+      "SymInt width, int sampling_ratio, bool aligned) -> Tensor");
 }

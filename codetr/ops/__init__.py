@@ -10,6 +10,8 @@ from .atss_assign import atss_assign, atss_assign_reference
 from .max_iou_assign import max_iou_assign, max_iou_assign_reference
 from .ms_deform_attn import ms_deform_attn, ms_deform_attn_reference
 from .nms import batched_nms, batched_nms_reference, nms, nms_reference
+from .multiscale_roi_align import MultiScaleRoIAlign, map_roi_levels, multiscale_roi_align
+from .roi_align import roi_align, roi_align_reference
 
 __all__ = [
     "extension_info",
@@ -29,4 +31,9 @@ __all__ = [
     "nms_reference",
     "batched_nms",
     "batched_nms_reference",
+    "roi_align",
+    "roi_align_reference",
+    "MultiScaleRoIAlign",
+    "map_roi_levels",
+    "multiscale_roi_align",
 ]
