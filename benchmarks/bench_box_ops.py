@@ -6,7 +6,7 @@ Cases of ../shared/BENCHMARKS.md (boxes and assignment):
       (per-image blocks: boxes1 [2, 300, 4], boxes2 [2, 20, 4])
   G1  aligned GIoU loss forward+backward, 1,000 and 100,000 pairs
   N1  NMS of 4,000 boxes at IoU 0.7 (and batched_nms over 80 classes, N1-batched)
-  R1  RoIAlign: not implemented here (see `case_r1`)
+  R1  RoIAlign: in bench_roi_align.py (it needs the multi-level extractor)
 Medians of --repeats runs after warm-up; ratios are torchvision (or reference) time over
 compiled time, measured side by side in one run. Peak memory of the I1 cases is measured
 in fresh processes (--no-memory skips it).
@@ -114,14 +114,6 @@ def case_nms(K: int, threshold: float, device, classes: int = 0):
     return impls
 
 
-def case_r1(device):
-    """R1, RoIAlign 7x7 forward+backward (4 levels of MSDA case A, 256 channels, 512 RoIs
-    per image, batch 2): PLACEHOLDER, to be filled in with the roi_align op (issue 3,
-    another engineer). Return {impl: callable} like the other cases, with torchvision's
-    roi_align / MultiScaleRoIAlign as the torchvision entry, and add "R1" to DEFAULT_CASES."""
-    raise NotImplementedError("R1 (RoIAlign) is added together with the roi_align op")
-
-
 # name: (what, size, builder(device) -> {impl: callable}, measure peak memory)
 CASES = {
     "I1-iou-22300x50": ("pairwise IoU", "22300 x 50", lambda d: case_iou(22300, 50, "iou", d), True),
@@ -133,7 +125,6 @@ CASES = {
     "G1-100000": ("GIoU loss fwd+bwd", "100,000 pairs", lambda d: case_giou_loss(100_000, d), False),
     "N1": ("nms IoU 0.7", "4,000 boxes", lambda d: case_nms(4000, 0.7, d), False),
     "N1-batched": ("batched_nms IoU 0.7", "4,000 boxes, 80 cls", lambda d: case_nms(4000, 0.7, d, 80), False),
-    # "R1": ("RoIAlign 7x7 fwd+bwd", "2 x 512 RoIs, 256 ch", case_r1, True),  # <- roi_align
 }
 GROUPS = {"I1": [c for c in CASES if c.startswith("I1-")], "G1": ["G1-1000", "G1-100000"],
           "N1": ["N1", "N1-batched"]}
@@ -153,7 +144,7 @@ def expand(names: str) -> list[str]:
     out = []
     for name in names.split(","):
         if name == "R1":
-            case_r1(None)  # raises: not implemented in this module yet
+            raise SystemExit("R1 (RoIAlign) is measured by benchmarks/bench_roi_align.py")
         out += GROUPS.get(name, [name])
     unknown = [n for n in out if n not in CASES]
     if unknown:
