@@ -39,55 +39,56 @@ struct Args {
   const scalar_t* zero;   // [D] zeros: the row read for corners outside the map
 };
 
-constexpr int64_t kBlock = 64;  // queries per forward work item
+constexpr int64_t kBlock = 256;  // queries per work item
 
-// Forward of one work item (batch n, block of queries). Inside the block: head, then level,
-// then query, so that consecutive queries (whose samples are near each other) reuse the
-// cache lines of one head's channels on one level instead of streaming all heads' rows of
-// all levels. Each sample's corner weights are computed once and applied to all D
-// channels in a loop the compiler vectorizes. Corners outside the map read the zero row
-// with weight 0, so the channel loop has no branches (and an inf elsewhere in `value`
-// cannot leak in as 0 * inf). acc: [kBlock, D] scratch.
+// Forward of one work item: (batch n, head m, block of queries); items are numbered with
+// the block fastest, so the threads sweep one head's maps at a time. Within the block,
+// level outer and query inner: consecutive queries sample near each other, so one head's
+// few rows of one level stay in L2 while the queries slide over them, and each row of a
+// head's map is fetched about once per pass instead of once per query row. Each sample's
+// corner weights are computed once and applied to all D channels in a loop the compiler
+// vectorizes. Corners outside the map read the zero row with weight 0, so the channel
+// loop has no branches (and an inf elsewhere in `value` cannot leak in as 0 * inf).
+// acc: [kBlock, D] scratch.
 template <typename scalar_t>
-CODETR_ALWAYS_INLINE void forward_block(const Args<scalar_t>& a, int64_t nb, scalar_t* out,
+CODETR_ALWAYS_INLINE void forward_block(const Args<scalar_t>& a, int64_t item, scalar_t* out,
                                         acc_type<scalar_t>* acc) {
   using acc_t = acc_type<scalar_t>;
   const Dims& d = a.d;
   const int64_t row = d.M * d.D;  // stride between two positions of value
   const int64_t blocks = (d.Q + kBlock - 1) / kBlock;
-  const int64_t n = nb / blocks;
-  const int64_t q_begin = (nb % blocks) * kBlock;
+  const int64_t n = item / (blocks * d.M);
+  const int64_t m = (item / blocks) % d.M;
+  const int64_t q_begin = (item % blocks) * kBlock;
   const int64_t q_end = std::min(q_begin + kBlock, d.Q);
-  for (int64_t m = 0; m < d.M; ++m) {
-    const scalar_t* value_nm = a.value + n * d.S * row + m * d.D;
-    std::fill(acc, acc + (q_end - q_begin) * d.D, acc_t(0));
-    for (int64_t l = 0; l < d.L; ++l) {
-      const int64_t H = a.shapes[2 * l], W = a.shapes[2 * l + 1];
-      const scalar_t* level = value_nm + a.starts[l] * row;
-      for (int64_t q = q_begin; q < q_end; ++q) {
-        acc_t* __restrict acc_q = acc + (q - q_begin) * d.D;
-        int64_t k = (((n * d.Q + q) * d.M + m) * d.L + l) * d.P;  // sample (n, q, m, l, 0)
-        for (int64_t p = 0; p < d.P; ++p, ++k) {
-          const Sample<acc_t> s = make_sample(a.loc[2 * k], a.loc[2 * k + 1], H, W);
-          if (!s.inside) continue;
-          const acc_t w0 = a.attn[k] * s.weight[0], w1 = a.attn[k] * s.weight[1];
-          const acc_t w2 = a.attn[k] * s.weight[2], w3 = a.attn[k] * s.weight[3];
-          const scalar_t* __restrict r0 = s.pixel[0] >= 0 ? level + s.pixel[0] * row : a.zero;
-          const scalar_t* __restrict r1 = s.pixel[1] >= 0 ? level + s.pixel[1] * row : a.zero;
-          const scalar_t* __restrict r2 = s.pixel[2] >= 0 ? level + s.pixel[2] * row : a.zero;
-          const scalar_t* __restrict r3 = s.pixel[3] >= 0 ? level + s.pixel[3] * row : a.zero;
-          for (int64_t c = 0; c < d.D; ++c) {
-            acc_q[c] += w0 * static_cast<acc_t>(r0[c]) + w1 * static_cast<acc_t>(r1[c]) +
-                        w2 * static_cast<acc_t>(r2[c]) + w3 * static_cast<acc_t>(r3[c]);
-          }
+  const scalar_t* value_nm = a.value + n * d.S * row + m * d.D;
+  std::fill(acc, acc + (q_end - q_begin) * d.D, acc_t(0));
+  for (int64_t l = 0; l < d.L; ++l) {
+    const int64_t H = a.shapes[2 * l], W = a.shapes[2 * l + 1];
+    const scalar_t* level = value_nm + a.starts[l] * row;
+    for (int64_t q = q_begin; q < q_end; ++q) {
+      acc_t* __restrict acc_q = acc + (q - q_begin) * d.D;
+      int64_t k = (((n * d.Q + q) * d.M + m) * d.L + l) * d.P;  // sample (n, q, m, l, 0)
+      for (int64_t p = 0; p < d.P; ++p, ++k) {
+        const Sample<acc_t> s = make_sample(a.loc[2 * k], a.loc[2 * k + 1], H, W);
+        if (!s.inside) continue;
+        const acc_t w0 = a.attn[k] * s.weight[0], w1 = a.attn[k] * s.weight[1];
+        const acc_t w2 = a.attn[k] * s.weight[2], w3 = a.attn[k] * s.weight[3];
+        const scalar_t* __restrict r0 = s.pixel[0] >= 0 ? level + s.pixel[0] * row : a.zero;
+        const scalar_t* __restrict r1 = s.pixel[1] >= 0 ? level + s.pixel[1] * row : a.zero;
+        const scalar_t* __restrict r2 = s.pixel[2] >= 0 ? level + s.pixel[2] * row : a.zero;
+        const scalar_t* __restrict r3 = s.pixel[3] >= 0 ? level + s.pixel[3] * row : a.zero;
+        for (int64_t c = 0; c < d.D; ++c) {
+          acc_q[c] += w0 * static_cast<acc_t>(r0[c]) + w1 * static_cast<acc_t>(r1[c]) +
+                      w2 * static_cast<acc_t>(r2[c]) + w3 * static_cast<acc_t>(r3[c]);
         }
       }
     }
-    for (int64_t q = q_begin; q < q_end; ++q) {
-      scalar_t* o = out + (n * d.Q + q) * row + m * d.D;
-      const acc_t* acc_q = acc + (q - q_begin) * d.D;
-      for (int64_t c = 0; c < d.D; ++c) o[c] = static_cast<scalar_t>(acc_q[c]);
-    }
+  }
+  for (int64_t q = q_begin; q < q_end; ++q) {
+    scalar_t* o = out + (n * d.Q + q) * row + m * d.D;
+    const acc_t* acc_q = acc + (q - q_begin) * d.D;
+    for (int64_t c = 0; c < d.D; ++c) o[c] = static_cast<scalar_t>(acc_q[c]);
   }
 }
 
@@ -110,7 +111,7 @@ void forward_kernel(const Args<scalar_t>& a, scalar_t* out) {
   using acc_t = acc_type<scalar_t>;
   const int64_t blocks = (a.d.Q + kBlock - 1) / kBlock;
   parallel_items(
-      a.d.N * blocks, [&] { return std::vector<acc_t>(kBlock * a.d.D); },
+      a.d.N * a.d.M * blocks, [&] { return std::vector<acc_t>(kBlock * a.d.D); },
       [&](int64_t nb, std::vector<acc_t>& acc) {
 #ifdef CODETR_MSDA_AVX2
         if (cpu_has_avx2()) return forward_block_avx2(a, nb, out, acc.data());
