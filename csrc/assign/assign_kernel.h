@@ -28,21 +28,6 @@ constexpr int64_t kPriorBlock = 256;
 
 // ---- exact scalar helpers ---------------------------------------------------------------
 
-// A product that is never fused with a following addition.
-CODETR_HOST_DEVICE float mul_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-CODETR_HOST_DEVICE double mul_rn(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
 
 template <typename T>
 CODETR_HOST_DEVICE bool is_nan(T x) {

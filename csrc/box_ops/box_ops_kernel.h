@@ -23,22 +23,6 @@ CODETR_HOST_DEVICE T min_(T a, T b) {
   return b < a ? b : a;
 }
 
-// a * b rounded on its own. nvcc would otherwise fuse a product into a following add
-// (FMA) and round differently from the CPU; NMS decisions must not depend on the device.
-CODETR_HOST_DEVICE float mul_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-CODETR_HOST_DEVICE double mul_rn(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
 
 template <typename T>
 CODETR_HOST_DEVICE T box_area(T x1, T y1, T x2, T y2) {

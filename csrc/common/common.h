@@ -21,6 +21,24 @@ namespace codetr {
 template <typename scalar_t>
 using acc_type = at::opmath_type<scalar_t>;
 
+// a * b rounded on its own. nvcc would otherwise fuse a product into a following add (FMA)
+// and round differently from the CPU: assignments and NMS decisions must not depend on the
+// device, and the CPU tests must execute the GPU's arithmetic.
+CODETR_HOST_DEVICE float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+CODETR_HOST_DEVICE double mul_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
 // Every check names the operator argument and what was expected, so a user sees
 // "ms_deform_attn: value must be 4-d [N, S, M, D], got 3-d" rather than a crash.
 #define CODETR_CHECK_ARG(cond, op, ...) TORCH_CHECK(cond, op, ": ", __VA_ARGS__)
