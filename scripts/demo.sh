@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/python -m codetr env
-exec .venv/bin/python benchmarks/bench_ms_deform_attn.py --cases C,A --repeats 3 "$@"
+exec .venv/bin/python benchmarks/bench_ms_deform_attn.py --cases C,A --repeats 3 \
+    --out runs/bench_ms_deform_attn.json "$@"
