@@ -23,3 +23,23 @@ def assert_compiled():
         assert info["ops"][op][device] == "compiled", info
 
     return check
+
+
+@pytest.fixture
+def at_thread_counts():
+    """at_thread_counts(fn, counts=(1, 2, 3)) -> [fn() run with torch.set_num_threads(n)
+    for n in counts], restoring the thread count afterwards (determinism tests)."""
+    import torch
+
+    def run(fn, counts=(1, 2, 3)):
+        threads = torch.get_num_threads()
+        try:
+            results = []
+            for n in counts:
+                torch.set_num_threads(n)
+                results.append(fn())
+            return results
+        finally:
+            torch.set_num_threads(threads)
+
+    return run

@@ -202,18 +202,12 @@ def test_backward_matches_autograd_of_reference(mode, aligned, kind, assert_comp
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name}: {m}")
 
 
-def test_backward_is_deterministic_across_thread_counts(assert_compiled):
+def test_backward_is_deterministic_across_thread_counts(assert_compiled, at_thread_counts):
     assert_compiled(OP)
     b1, b2 = random_boxes(1, 3000, seed=19), random_boxes(1, 40, seed=20)
     grad = torch.randn(1, 3000, 40)
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            results.append(torch.ops.codetr.box_iou_backward(grad, b1, b2, "giou", False, 1e-6))
-    finally:
-        torch.set_num_threads(threads)
+    results = at_thread_counts(
+        lambda: torch.ops.codetr.box_iou_backward(grad, b1, b2, "giou", False, 1e-6))
     for r in results[1:]:
         for a, b in zip(results[0], r):
             assert torch.equal(a, b)

@@ -155,19 +155,13 @@ def test_reduced_precision_value_with_fp32_coordinates(dtype, assert_compiled):
     torch.testing.assert_close(g.float(), g_ref, rtol=2e-2, atol=2e-2)
 
 
-def test_backward_is_deterministic_across_thread_counts(assert_compiled):
+def test_backward_is_deterministic_across_thread_counts(assert_compiled, at_thread_counts):
     assert_compiled(OP)
     value, shapes, starts, loc, attn = make_inputs([(16, 16), (8, 8)], N=2, Q=200, M=4, D=8, P=4,
                                                   dtype=torch.float32, spread=0.0)
     grad = torch.randn(2, 200, 32)
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            results.append(torch.ops.codetr.ms_deform_attn_backward(grad, value, shapes, starts, loc, attn))
-    finally:
-        torch.set_num_threads(threads)
+    results = at_thread_counts(
+        lambda: torch.ops.codetr.ms_deform_attn_backward(grad, value, shapes, starts, loc, attn))
     for r in results[1:]:
         for a, b in zip(results[0], r):
             assert torch.equal(a, b)

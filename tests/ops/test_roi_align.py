@@ -116,20 +116,13 @@ def test_many_samples_per_bin_and_chunks(compiled):
                                    rtol=1e-13, atol=1e-13)
 
 
-def test_backward_deterministic_across_threads(compiled):
+def test_backward_deterministic_across_threads(compiled, at_thread_counts):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 40, 23, 31, generator=g)
     rois = make_rois(g, 64, 2, 23 * 4, 31 * 4)
     grad_out = torch.randn(64, 40, 7, 7, generator=g)
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            results.append(torch.ops.codetr.roi_align_backward(
-                grad_out, rois, 0.25, 7, 7, 2, 40, 23, 31, 0, True))
-    finally:
-        torch.set_num_threads(threads)
+    results = at_thread_counts(lambda: torch.ops.codetr.roi_align_backward(
+        grad_out, rois, 0.25, 7, 7, 2, 40, 23, 31, 0, True))
     assert all(torch.equal(results[0], r) for r in results[1:])
 
 
