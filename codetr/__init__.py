@@ -2,5 +2,14 @@
 __version__ = "0.1.0"
 
 from . import ops  # noqa: E402  (loads the compiled extension, or warns once)
+from .config import build_model, get_preset  # noqa: E402
 
-__all__ = ["ops", "__version__"]
+
+def train(cfg):
+    """Train with a ``codetr.engine.TrainConfig`` (see ``codetr.engine.Trainer``)."""
+    from .engine import train as _train
+
+    return _train(cfg)
+
+
+__all__ = ["ops", "build_model", "get_preset", "train", "__version__"]

@@ -3,13 +3,14 @@
 Presets:
   deformable_detr_pp_r50   the paper's Deformable-DETR++ (Co-DETR K=0) on ResNet-50.
   deformable_detr_pp_lite0 a CPU-sized variant on EfficientNet-Lite0 (see its comments).
+  co_deformable_detr_r50, co_deformable_detr_lite0: the same with K = 2 (ATSS + R-CNN).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal, Optional, Sequence, Union
 
 from torch import nn
 
@@ -69,12 +70,26 @@ class DataConfig:
 
 
 @dataclass
+class CoDETRConfig:
+    """Co-DETR's collaborative hybrid assignments (see models/co_detr.py)."""
+
+    aux_heads: tuple[str, ...] = ()  # K heads among AUX_HEAD_CLASSES; () is the baseline
+    lambda1: float = 1.0  # positive-query losses
+    lambda2: float = 2.0  # auxiliary head losses (x num_decoder_layers)
+    num_adapter_levels: int = 5  # J
+    min_group_size: int = 9
+    max_group_size: int = 300
+    head_embed: Literal["vector", "scalar"] = "vector"
+
+
+@dataclass
 class DetectorConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    co: CoDETRConfig = field(default_factory=CoDETRConfig)
     num_queries: int = 300
     num_detections: int = 100
     proposal_size: float = 0.05
@@ -97,6 +112,14 @@ PRESETS: dict[str, DetectorConfig] = {
                         resize_before_crop=(300, 350, 400)),
     ),
 }
+# Co-DETR, the paper's K = 2 (ATSS + Faster R-CNN) on each baseline.
+for _name in ("r50", "lite0"):
+    PRESETS[f"co_deformable_detr_{_name}"] = copy.deepcopy(PRESETS[f"deformable_detr_pp_{_name}"])
+    PRESETS[f"co_deformable_detr_{_name}"].co.aux_heads = ("atss", "rcnn")
+
+#: aux head name -> "module:class" under codetr.models.heads (imported on use).
+AUX_HEAD_CLASSES = {"atss": "atss:ATSSHead", "rcnn": "rcnn:RCNNHead", "retina": "retina:RetinaHead",
+                    "fcos": "fcos:FCOSHead"}
 
 
 def get_preset(name: str) -> DetectorConfig:
@@ -134,22 +157,29 @@ def build_backbone(cfg: BackboneConfig) -> nn.Module:
     raise ValueError(f"unknown backbone kind {cfg.kind!r}")
 
 
-def build_detector(cfg: Union[str, DetectorConfig], num_classes: int, **overrides):
-    """Build a DeformableDETRPP (with its criterion) from a preset name or a config.
+def build_model(cfg: Union[str, DetectorConfig], num_classes: int, aux_heads: Optional[Sequence[str]] = None,
+                lambda1: Optional[float] = None, lambda2: Optional[float] = None, **overrides):
+    """Build a Co-DETR model (``CoDETR``, with its criterion) from a preset name or config.
 
-    ``overrides`` set config fields by dotted name, e.g.
-    ``build_detector("deformable_detr_pp_lite0", 5, **{"transformer.d_model": 128})`` or with
-    ``__`` instead of the dot: ``transformer__d_model=128``.
+    aux_heads: names among AUX_HEAD_CLASSES (None: the preset's); ``()`` gives exactly the
+    Deformable-DETR++ baseline. lambda1 / lambda2: None keeps the preset's (1, 2).
+    ``overrides`` set config fields by dotted name, e.g. ``**{"transformer.d_model": 128}``,
+    or with ``__`` for the dot: ``transformer__d_model=128``. The model's ``config`` holds
+    the final DetectorConfig.
     """
     from codetr.assigners import HungarianMatcher
     from codetr.losses import SetCriterion
-    from codetr.models.deformable_detr import DeformableDETRPP
+    from codetr.models.adapter import MultiScaleAdapter, SingleScaleAdapter
+    from codetr.models.co_detr import CoDETR
     from codetr.models.neck import ChannelMapper
     from codetr.models.transformer import DeformableDecoder, DeformableEncoder
 
-    cfg = get_preset(cfg) if isinstance(cfg, str) else cfg
+    cfg = get_preset(cfg) if isinstance(cfg, str) else copy.deepcopy(cfg)
     cfg = _apply_overrides(cfg, {k.replace("__", "."): v for k, v in overrides.items()})
-    t, lc = cfg.transformer, cfg.loss
+    for key, value in (("aux_heads", aux_heads), ("lambda1", lambda1), ("lambda2", lambda2)):
+        if value is not None:
+            setattr(cfg.co, key, tuple(value) if key == "aux_heads" else value)
+    t, lc, co = cfg.transformer, cfg.loss, cfg.co
     backbone = build_backbone(cfg.backbone)
     neck = ChannelMapper(backbone.out_channels, t.d_model, num_extra=t.num_levels - len(backbone.out_channels))
     kw = dict(d_model=t.d_model, dim_ff=t.dim_feedforward, n_levels=t.num_levels, n_heads=t.n_heads,
@@ -159,9 +189,37 @@ def build_detector(cfg: Union[str, DetectorConfig], num_classes: int, **override
     matcher = HungarianMatcher(lc.weight_cls, lc.weight_bbox, lc.weight_giou, lc.focal_alpha, lc.focal_gamma)
     criterion = SetCriterion(num_classes, matcher, lc.weight_cls, lc.weight_bbox, lc.weight_giou,
                              lc.focal_alpha, lc.focal_gamma)
-    return DeformableDETRPP(backbone, neck, encoder, decoder, num_classes, num_queries=cfg.num_queries,
-                            criterion=criterion, num_levels=t.num_levels, proposal_size=cfg.proposal_size,
-                            num_detections=cfg.num_detections)
+    heads, adapter = {}, None
+    if co.aux_heads:
+        # The encoder's levels are strides 8.. x2 (one stride-32 level for single-scale).
+        J = co.num_adapter_levels
+        if t.num_levels == 1:
+            adapter, strides = SingleScaleAdapter(t.d_model, J, in_index=2), [8 * 2 ** j for j in range(J)]
+        else:
+            adapter, strides = MultiScaleAdapter(t.d_model, t.num_levels, J), [8 * 2 ** j for j in range(J)]
+        heads = {name: build_aux_head(name, num_classes, t.d_model, strides) for name in co.aux_heads}
+    model = CoDETR(backbone, neck, encoder, decoder, num_classes, num_queries=cfg.num_queries, criterion=criterion,
+                   num_levels=t.num_levels, proposal_size=cfg.proposal_size, num_detections=cfg.num_detections,
+                   aux_heads=heads, adapter=adapter, lambda1=co.lambda1, lambda2=co.lambda2,
+                   min_group_size=co.min_group_size, max_group_size=co.max_group_size, head_embed=co.head_embed)
+    model.config = cfg
+    return model
+
+
+def build_aux_head(name: str, num_classes: int, in_channels: int, strides: Sequence[int]) -> nn.Module:
+    """The auxiliary head ``name`` (a key of AUX_HEAD_CLASSES) with its paper defaults."""
+    import importlib
+
+    if name not in AUX_HEAD_CLASSES:
+        raise ValueError(f"aux_heads: unknown head {name!r}; expected some of {sorted(AUX_HEAD_CLASSES)}")
+    module, cls = AUX_HEAD_CLASSES[name].split(":")
+    head_cls = getattr(importlib.import_module(f"codetr.models.heads.{module}"), cls)
+    return head_cls(num_classes, in_channels=in_channels, strides=tuple(strides))
+
+
+def build_detector(cfg: Union[str, DetectorConfig], num_classes: int, **overrides):
+    """The Deformable-DETR++ baseline: ``build_model`` with no auxiliary heads."""
+    return build_model(cfg, num_classes, aux_heads=(), **overrides)
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:

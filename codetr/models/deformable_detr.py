@@ -133,7 +133,7 @@ class DeformableDETRPP(nn.Module):
         return query, sel_boxes.detach(), {"pred_logits": sel_logits, "pred_boxes": sel_boxes}
 
     def decode(self, query: torch.Tensor, reference_boxes: torch.Tensor, enc: dict,
-               self_attn_mask: Optional[torch.Tensor] = None) -> dict:
+               self_attn_mask: Optional[torch.Tensor] = None, query_pos: Optional[torch.Tensor] = None) -> dict:
         """Run the decoder and the per-layer class heads.
 
         query [B, Q, C], reference_boxes [B, Q, 4] -> {"pred_logits" [B, Q, C_cls],
@@ -141,7 +141,7 @@ class DeformableDETRPP(nn.Module):
         earlier layers}."""
         hidden, boxes = self.decoder(query, reference_boxes, enc["memory"], enc["spatial_shapes"],
                                      enc["level_start_index"], enc["valid_ratios"], enc["padding_mask"],
-                                     self_attn_mask)
+                                     self_attn_mask, query_pos)
         layers = [{"pred_logits": head(h), "pred_boxes": b} for head, h, b in zip(self.class_heads, hidden, boxes)]
         return {**layers[-1], "aux_outputs": layers[:-1]}
 

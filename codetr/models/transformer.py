@@ -153,6 +153,7 @@ class DeformableDecoder(nn.Module):
         valid_ratios: torch.Tensor,
         memory_padding_mask: Optional[torch.Tensor] = None,
         self_attn_mask: Optional[torch.Tensor] = None,
+        query_pos: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """
         Args:
@@ -164,6 +165,8 @@ class DeformableDecoder(nn.Module):
             memory_padding_mask: [B, S] True on padding.
             self_attn_mask: optional [Q, Q] or [B * n_heads, Q, Q] bool mask (True = blocked)
                 for query groups that must not see each other.
+            query_pos: optional [B, Q, C] added to every layer's box-derived query position
+                (Co-DETR's positive queries carry the position half of their box embedding).
         Returns:
             hidden: [num_layers, B, Q, C] every layer's output queries.
             boxes: [num_layers, B, Q, 4] every layer's predicted boxes (cx, cy, w, h) in [0, 1].
@@ -178,8 +181,9 @@ class DeformableDecoder(nn.Module):
         out = query
         for i, layer in enumerate(self.layers):
             ref_input = ref[:, :, None] * vr  # boxes in each level's padded frame
-            query_pos = self.ref_point_head(coord_sine_embed(ref, self.d_model // 2))
-            out = layer(out, query_pos, ref_input, memory, spatial_shapes, level_start_index,
+            pos = self.ref_point_head(coord_sine_embed(ref, self.d_model // 2))
+            pos = pos if query_pos is None else pos + query_pos
+            out = layer(out, pos, ref_input, memory, spatial_shapes, level_start_index,
                         memory_padding_mask, self_attn_mask)
             delta = self.bbox_heads[i](out)
             # Same value as `refined`, but the gradient also reaches layer i-1's box head.

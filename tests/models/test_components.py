@@ -79,7 +79,10 @@ def test_look_forward_twice_gradient_path():
 
 
 def test_presets_and_overrides():
-    assert set(PRESETS) == {"deformable_detr_pp_r50", "deformable_detr_pp_lite0"}
+    assert set(PRESETS) == {"deformable_detr_pp_r50", "deformable_detr_pp_lite0", "co_deformable_detr_r50",
+                            "co_deformable_detr_lite0"}
+    assert get_preset("co_deformable_detr_lite0").co.aux_heads == ("atss", "rcnn")
+    assert get_preset("deformable_detr_pp_lite0").co.aux_heads == ()
     r50 = get_preset("deformable_detr_pp_r50")
     assert (r50.num_queries, r50.transformer.num_encoder_layers, r50.transformer.num_decoder_layers) == (300, 6, 6)
     assert (r50.optim.lr, r50.optim.weight_decay, r50.optim.grad_clip, r50.optim.epochs) == (2e-4, 1e-4, 0.1, 12)

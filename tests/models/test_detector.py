@@ -36,7 +36,7 @@ def test_train_losses_and_every_parameter_gets_a_gradient(model):
     model.zero_grad()
     losses = model(images, masks, _targets())
     names = ["loss_cls", "loss_bbox", "loss_giou"]
-    assert set(losses) == {p + n for p in ("", "d0.", "enc.") for n in names}
+    assert set(losses) == {"one_to_one." + p + n for p in ("", "d0.", "enc.") for n in names}
     assert all(v.ndim == 0 and torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
     no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
