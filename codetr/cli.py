@@ -47,6 +47,81 @@ def _bench(args: argparse.Namespace) -> int:
     return status
 
 
+class UserError(Exception):
+    """A mistake in the command's input: printed without a traceback, exit status 2."""
+
+
+def _train(args: argparse.Namespace) -> int:
+    from codetr.config import PRESETS
+    from codetr.engine import TrainConfig, Trainer
+
+    if args.preset not in PRESETS:
+        raise UserError(f"--preset: unknown preset {args.preset!r}; available: {', '.join(sorted(PRESETS))}")
+    _need_files(train_json=args.train_json, val_json=args.val_json)
+    _need_dirs(train_images=args.train_images, val_images=args.val_images)
+    heads = None if args.aux_heads is None else tuple(h for h in args.aux_heads.split(",") if h)
+    cfg = TrainConfig(train_json=args.train_json, train_images=args.train_images, out_dir=args.out,
+                      preset=args.preset, val_json=args.val_json, val_images=args.val_images, aux_heads=heads,
+                      epochs=args.epochs, iters=args.iters, batch_size=args.batch_size, lr=args.lr,
+                      schedule=args.schedule, warmup_iters=args.warmup_iters, grad_accum=args.grad_accum,
+                      amp=args.amp, ema_decay=args.ema, eval_every=args.eval_every,
+                      checkpoint_every=args.checkpoint_every, num_workers=args.workers, seed=args.seed,
+                      resume=args.resume, device=args.device)
+    metrics = Trainer(cfg).train()
+    if metrics:
+        print(json.dumps({k: v for k, v in metrics.items() if k != "per_class"}))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from codetr.engine import evaluate
+    from codetr.engine.data import build_dataset
+    from codetr.evaluation import CocoEvaluator
+
+    _need_files(checkpoint=args.checkpoint, json=args.json)
+    _need_dirs(images=args.images)
+    model, ckpt = _load_model(args.checkpoint, args.device)
+    dataset = build_dataset(model.config.data, args.json, args.images, train=False)
+    if dataset.class_names != ckpt["class_names"]:
+        raise UserError(f"--json: classes {dataset.class_names} differ from the checkpoint's {ckpt['class_names']}")
+    evaluator = CocoEvaluator(dataset.coco, dataset.label_to_cat_id)
+    evaluate(model, dataset, torch.device(args.device), batch_size=args.batch_size,
+             size_divisibility=model.config.data.size_divisibility, evaluator=evaluator)
+    print(evaluator.format_table())
+    if args.results:
+        evaluator.write_results(args.results)
+    return 0
+
+
+def _load_model(path: str, device: str):
+    """(inference model on device, checkpoint dict) from a training checkpoint."""
+    from codetr.config import DetectorConfig, build_model, config_from_dict
+    from codetr.engine import load_checkpoint, load_model_state
+
+    ckpt = load_checkpoint(path)
+    if "model_config" not in ckpt:
+        raise UserError(f"--checkpoint: {path} is not a codetr training checkpoint (no model_config)")
+    cfg: DetectorConfig = config_from_dict(ckpt["model_config"])
+    cfg.backbone.pretrained = False  # the checkpoint holds the weights
+    model = build_model(cfg, len(ckpt["class_names"]))
+    load_model_state(model, ckpt["model"], source=path)
+    return model.inference_model().to(device).eval(), ckpt
+
+
+def _need_files(**paths) -> None:
+    for name, p in paths.items():
+        if p is not None and not Path(p).is_file():
+            raise UserError(f"--{name.replace('_', '-')}: file not found: {p}")
+
+
+def _need_dirs(**paths) -> None:
+    for name, p in paths.items():
+        if p is not None and not Path(p).is_dir():
+            raise UserError(f"--{name.replace('_', '-')}: folder not found: {p}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="codetr", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -57,8 +132,49 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", help="run only scripts whose name contains this")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="arguments passed to each script")
     p.set_defaults(func=_bench)
+
+    p = sub.add_parser("train", help="train a detector on a COCO-format dataset")
+    p.add_argument("--preset", default="co_deformable_detr_lite0")
+    p.add_argument("--train-json", required=True)
+    p.add_argument("--train-images", required=True)
+    p.add_argument("--val-json")
+    p.add_argument("--val-images")
+    p.add_argument("--aux-heads", help="comma-separated heads (atss,rcnn,retina,fcos); '' for none (K=0); "
+                                       "default: the preset's")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--epochs", type=int)
+    budget.add_argument("--iters", type=int, help="optimizer steps")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--schedule", choices=["step", "cosine", "constant"], default="step")
+    p.add_argument("--warmup-iters", type=int, default=0)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--amp", choices=["bf16", "fp16"])
+    p.add_argument("--ema", type=float, help="EMA decay, e.g. 0.9998")
+    p.add_argument("--eval-every", type=int, default=1, help="epochs; 0: at the end only")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="iterations; 0: every epoch")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="COCO evaluation of a checkpoint")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--json", required=True)
+    p.add_argument("--images", required=True)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--results", help="also write the detections as a COCO results json")
+    p.set_defaults(func=_eval)
+
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (UserError, FileNotFoundError) as e:
+        print(f"codetr {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -128,6 +128,24 @@ def get_preset(name: str) -> DetectorConfig:
     return copy.deepcopy(PRESETS[name])
 
 
+def config_from_dict(d: dict) -> DetectorConfig:
+    """Inverse of dataclasses.asdict for DetectorConfig (checkpoints store the dict)."""
+    def build(cls, values):
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in values:
+                continue
+            v = values[f.name]
+            if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+                v = build(f.default_factory, v)
+            elif isinstance(v, list):
+                v = tuple(v)
+            kwargs[f.name] = v
+        return cls(**kwargs)
+
+    return build(DetectorConfig, d)
+
+
 def _apply_overrides(cfg, overrides: dict):
     """Overrides are field names, dotted for nested configs: {"transformer.d_model": 128}."""
     cfg = copy.deepcopy(cfg)
@@ -206,15 +224,17 @@ def build_model(cfg: Union[str, DetectorConfig], num_classes: int, aux_heads: Op
     return model
 
 
-def build_aux_head(name: str, num_classes: int, in_channels: int, strides: Sequence[int]) -> nn.Module:
-    """The auxiliary head ``name`` (a key of AUX_HEAD_CLASSES) with its paper defaults."""
+def build_aux_head(name: str, num_classes: int, in_channels: int = 256, strides: Sequence[int] = (8, 16, 32, 64, 128),
+                   **options) -> nn.Module:
+    """The auxiliary head ``name`` (a key of AUX_HEAD_CLASSES) with its paper defaults;
+    ``options`` go to the head's constructor."""
     import importlib
 
     if name not in AUX_HEAD_CLASSES:
         raise ValueError(f"aux_heads: unknown head {name!r}; expected some of {sorted(AUX_HEAD_CLASSES)}")
     module, cls = AUX_HEAD_CLASSES[name].split(":")
     head_cls = getattr(importlib.import_module(f"codetr.models.heads.{module}"), cls)
-    return head_cls(num_classes, in_channels=in_channels, strides=tuple(strides))
+    return head_cls(num_classes, in_channels=in_channels, strides=tuple(strides), **options)
 
 
 def build_detector(cfg: Union[str, DetectorConfig], num_classes: int, **overrides):

@@ -285,6 +285,3 @@ class FCOSHead(nn.Module):
             keep = batched_nms(boxes, scores, labels, self.nms_iou)[: self.max_per_img]
             results.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
         return results
-
-
-HEAD = FCOSHead

@@ -329,6 +329,3 @@ class RCNNHead(nn.Module):
             order = ops.batched_nms(pred, scores, cls, self.nms_iou)[:self.max_per_img]
             results.append({"boxes": pred[order], "scores": scores[order], "labels": cls[order]})
         return results
-
-
-HEAD = RCNNHead

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from codetr.models.heads import build_aux_head
+from codetr.config import build_aux_head
 from codetr.models.heads.fcos import FCOSHead, default_regress_ranges
 
 STRIDES = (8, 16, 32, 64, 128)
