@@ -101,6 +101,5 @@ class ATSSHead(AnchorHead):
         return outputs[2][..., 0].sigmoid()
 
 
-HEAD = ATSSHead
 
 __all__ = ["ATSSHead", "HEAD", "centerness_target"]

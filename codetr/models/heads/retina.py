@@ -77,6 +77,5 @@ class RetinaHead(AnchorHead):
         return {"loss_cls": self.loss_cls_weight * loss_cls, "loss_bbox": self.loss_bbox_weight * loss_bbox}
 
 
-HEAD = RetinaHead
 
 __all__ = ["HEAD", "RetinaHead"]

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from codetr.models.heads import AuxPositives, build_aux_head
+from codetr.config import build_aux_head
+from codetr.models.heads import AuxPositives
 from codetr.models.heads.atss import ATSSHead, centerness_target
 
 STRIDES = (8, 16, 32, 64, 128)

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torchvision
 
-from codetr.models.heads import AuxPositives, build_aux_head
+from codetr.config import build_aux_head
+from codetr.models.heads import AuxPositives
 from codetr.models.heads.retina import RetinaHead
 
 STRIDES = (8, 16, 32, 64, 128)
