@@ -95,6 +95,8 @@ class CoDETR(DeformableDETRPP):
                                  num_detections=self.num_detections).to(self.level_embed.device)
         aux = ("aux_heads.", "adapter.", "positive_queries.")
         plain.load_state_dict({k: v for k, v in self.state_dict().items() if not k.startswith(aux)})
+        if hasattr(self, "config"):  # set by config.build_model
+            plain.config = self.config
         return plain.train(self.training)
 
     def forward(self, images: torch.Tensor, masks: torch.Tensor, targets: Optional[list[dict]] = None,

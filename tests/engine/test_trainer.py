@@ -1,0 +1,153 @@
+"""Trainer: exact resume, atomic checkpoints, non-finite steps, evaluation, the CLI."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from codetr.data import ensure_synthetic_dataset
+from codetr.engine import TrainConfig, Trainer, load_checkpoint, save_checkpoint
+from codetr.engine.data import EpochBatchSampler
+
+TINY = {"transformer.d_model": 32, "transformer.dim_feedforward": 64, "transformer.num_encoder_layers": 1,
+        "transformer.num_decoder_layers": 2, "transformer.n_heads": 2, "transformer.n_points": 2,
+        "num_queries": 20, "num_detections": 20, "backbone.pretrained": False,
+        "data.train_scales": (64, 72), "data.max_size": 96, "data.crop_sizes": (40, 64),
+        "data.resize_before_crop": (64,)}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return ensure_synthetic_dataset(tmp_path_factory.mktemp("synthetic"), num_train=6, num_val=3,
+                                    image_size=(64, 64), max_objects=3)
+
+
+def _cfg(data, out, **kw):
+    base = dict(train_json=str(data["train"]["ann_file"]), train_images=str(data["train"]["images_dir"]),
+                out_dir=str(out), preset="co_deformable_detr_lite0", aux_heads=("atss",), overrides=dict(TINY),
+                iters=6, batch_size=2, num_workers=0, log_every=1, eval_every=0, checkpoint_every=2)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _losses(out):
+    return [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def test_resume_continues_exactly(data, tmp_path):
+    full = tmp_path / "full"
+    Trainer(_cfg(data, full)).train()
+
+    class Interrupted(Trainer):
+        def save(self, name="last.pt"):
+            path = super().save(name)
+            if self.iteration == 4:
+                raise KeyboardInterrupt
+            return path
+
+    part = tmp_path / "part"
+    with pytest.raises(KeyboardInterrupt):
+        Interrupted(_cfg(data, part)).train()
+    assert load_checkpoint(part / "last.pt")["iteration"] == 4
+    Trainer(_cfg(data, part, resume=True)).train()
+    a, b = _losses(full), _losses(part)
+    assert [r["iter"] for r in b] == [1, 2, 3, 4, 5, 6]
+    # 6 iterations of 3 batches per epoch: the resume starts mid-way through epoch 1
+    for ra, rb in zip(a, b):
+        assert ra["iter"] == rb["iter"] and ra["lr"] == rb["lr"]
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-6, abs=1e-7), ra["iter"]
+    wa, wb = load_checkpoint(full / "last.pt")["model"], load_checkpoint(part / "last.pt")["model"]
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoint_from_another_configuration_is_a_clear_error(data, tmp_path):
+    Trainer(_cfg(data, tmp_path, iters=1)).train()
+    with pytest.raises(RuntimeError, match="missing: aux_heads.rcnn"):
+        Trainer(_cfg(data, tmp_path, iters=2, resume=True, aux_heads=("atss", "rcnn"))).train()
+
+
+def test_atomic_save_keeps_the_previous_checkpoint(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"w": torch.ones(3)}, path)
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("killed while saving")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        save_checkpoint({"w": torch.zeros(3), "x": Boom()}, path)
+    assert torch.equal(load_checkpoint(path)["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary left behind
+
+
+def test_a_process_killed_while_saving_leaves_the_previous_checkpoint(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"w": torch.ones(3)}, path)
+    code = (f"import os, torch; from codetr.engine import checkpoint as c\n"
+            f"real = torch.save\n"
+            f"def dying(obj, f):\n    f.write(b'partial'); f.flush(); os._exit(9)\n"
+            f"torch.save = dying\nc.save_checkpoint({{'w': torch.zeros(3)}}, {str(path)!r})\n")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 9
+    assert torch.equal(load_checkpoint(path)["w"], torch.ones(3))
+
+
+def test_non_finite_losses_skip_steps_then_stop(data, tmp_path):
+    class Poisoned(Trainer):
+        def _forward_backward(self, images, masks, targets, accum, sync):
+            head = self.model.aux_heads["atss"]
+            if self.batches_done >= 2 and not hasattr(head, "real_forward"):  # from batch 2 on
+                head.real_forward = head.forward
+
+                def nan_forward(*args):
+                    losses, positives = head.real_forward(*args)
+                    return {**losses, "loss_cls": losses["loss_cls"] * float("nan")}, positives
+                head.forward = nan_forward
+            return super()._forward_backward(images, masks, targets, accum, sync)
+
+    with pytest.warns(UserWarning, match="non-finite loss in .*atss"), \
+            pytest.raises(RuntimeError, match="3 consecutive non-finite losses"):
+        Poisoned(_cfg(data, tmp_path, max_nonfinite=3, checkpoint_every=1)).train()
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    assert ckpt["iteration"] == 3  # 1 good step, then 2 skipped ones (the 3rd stopped training)
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_epoch_batches_shard_across_ranks():
+    one = EpochBatchSampler(10, 2, seed=0, epoch=3)
+    ranks = [list(EpochBatchSampler(10, 2, seed=0, epoch=3, rank=r, world_size=2)) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 3  # 10 padded to 12
+    seen = sorted(i for r in ranks for b in r for i in b)
+    assert set(seen) == set(range(10)) and len(seen) == 12
+    assert sorted(i for b in one for i in b) == list(range(10))
+    assert list(EpochBatchSampler(10, 2, 0, 3, start=2)) == list(one)[2:]
+    assert list(one) != list(EpochBatchSampler(10, 2, 0, 4))
+
+
+def test_cli_train_then_eval(data, tmp_path):
+    tj, ti = str(data["train"]["ann_file"]), str(data["train"]["images_dir"])
+    vj, vi = str(data["val"]["ann_file"]), str(data["val"]["images_dir"])
+    run = lambda *a: subprocess.run([sys.executable, "-m", "codetr", *a], capture_output=True, text=True)  # noqa: E731
+    r = run("train", "--preset", "nope", "--train-json", tj, "--train-images", ti, "--out", str(tmp_path))
+    assert r.returncode == 2 and "--preset: unknown preset 'nope'" in r.stderr and "Traceback" not in r.stderr
+    r = run("train", "--train-json", str(tmp_path / "missing.json"), "--train-images", ti, "--out", str(tmp_path))
+    assert r.returncode == 2 and "missing.json" in r.stderr and "Traceback" not in r.stderr
+    r = run("eval", "--checkpoint", str(tmp_path / "none.pt"), "--json", vj, "--images", vi)
+    assert r.returncode == 2 and "none.pt" in r.stderr
+
+    # a real (tiny) run through the Python API, then the CLI evaluates its checkpoint
+    metrics = Trainer(_cfg(data, tmp_path / "run", iters=2, val_json=vj, val_images=vi)).train()
+    assert set(metrics) >= {"AP", "AP50"}
+    r = run("eval", "--checkpoint", str(tmp_path / "run" / "last.pt"), "--json", vj, "--images", vi,
+            "--results", str(tmp_path / "res.json"))
+    assert r.returncode == 0, r.stderr
+    assert "AP50" in r.stdout and json.loads((tmp_path / "res.json").read_text()) is not None
