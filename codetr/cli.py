@@ -78,11 +78,16 @@ def _eval(args: argparse.Namespace) -> int:
 
     from codetr.engine import evaluate
     from codetr.engine.data import build_dataset
+    from codetr.engine.predictor import load_trained
     from codetr.evaluation import CocoEvaluator
 
     _need_files(checkpoint=args.checkpoint, json=args.json)
     _need_dirs(images=args.images)
-    model, ckpt = _load_model(args.checkpoint, args.device)
+    try:
+        model, ckpt = load_trained(args.checkpoint)
+    except ValueError as e:
+        raise UserError(f"--checkpoint: {e}") from e
+    model.to(args.device)
     dataset = build_dataset(model.config.data, args.json, args.images, train=False)
     if dataset.class_names != ckpt["class_names"]:
         raise UserError(f"--json: classes {dataset.class_names} differ from the checkpoint's {ckpt['class_names']}")
@@ -95,19 +100,31 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_model(path: str, device: str):
-    """(inference model on device, checkpoint dict) from a training checkpoint."""
-    from codetr.config import DetectorConfig, build_model, config_from_dict
-    from codetr.engine import load_checkpoint, load_model_state
+def _predict(args: argparse.Namespace) -> int:
+    from codetr.engine.predictor import Predictor, draw_detections
 
-    ckpt = load_checkpoint(path)
-    if "model_config" not in ckpt:
-        raise UserError(f"--checkpoint: {path} is not a codetr training checkpoint (no model_config)")
-    cfg: DetectorConfig = config_from_dict(ckpt["model_config"])
-    cfg.backbone.pretrained = False  # the checkpoint holds the weights
-    model = build_model(cfg, len(ckpt["class_names"]))
-    load_model_state(model, ckpt["model"], source=path)
-    return model.inference_model().to(device).eval(), ckpt
+    _need_files(checkpoint=args.checkpoint)
+    for image in args.images:
+        _need_files(image=image)
+    try:
+        predictor = Predictor.from_checkpoint(args.checkpoint, args.device, args.min_score)
+    except ValueError as e:
+        raise UserError(f"--checkpoint: {e}") from e
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for image in args.images:
+        try:
+            pil = predictor.load_image(image)
+        except ValueError as e:
+            raise UserError(str(e)) from e
+        det = predictor.predict(pil)
+        stem = Path(image).stem
+        records = [{"box_xyxy": b, "score": s, "label": lab, "class_name": n} for b, s, lab, n in
+                   zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist(), det["class_names"])]
+        (out / f"{stem}.json").write_text(json.dumps({"image": str(image), "detections": records}, indent=1))
+        draw_detections(pil, det).save(out / f"{stem}.png")
+        print(f"{image}: {len(records)} detections -> {out / (stem + '.png')}")
+    return 0
 
 
 def _need_files(**paths) -> None:
@@ -168,6 +185,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--results", help="also write the detections as a COCO results json")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("predict", help="detect objects in images: JSON + PNG with drawn boxes")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--out", required=True)
+    p.add_argument("--min-score", type=float, default=0.3)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_predict)
+
+    p = sub.add_parser("demo", help="synthetic data: train K=0 and K=2 briefly, evaluate, draw predictions")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--iters", type=int, default=150)
+    p.set_defaults(func=lambda a: __import__("codetr.demo", fromlist=["main"]).main(a.out, a.iters))
 
     args = parser.parse_args(argv)
     try:
