@@ -13,7 +13,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -85,10 +85,16 @@ class ModelEMA:
 
 class Trainer:
     """``Trainer(cfg).train()`` runs the budget and returns the final metrics (the last
-    evaluation's summary, or {})."""
+    evaluation's summary, or {}).
 
-    def __init__(self, cfg: TrainConfig):
+    callbacks: objects with any of ``on_train_start(trainer)``, ``on_epoch_end(trainer,
+    epoch)`` (epoch = number of epochs completed) and ``on_train_end(trainer)``; they run on
+    every rank (check ``trainer.rank`` before writing files).
+    """
+
+    def __init__(self, cfg: TrainConfig, callbacks: Sequence = ()):
         self.cfg = cfg
+        self.callbacks = list(callbacks)
         self.rank, self.world_size = _world()
         self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cuda" and self.world_size > 1:
@@ -207,8 +213,14 @@ class Trainer:
             with open(self.out_dir / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def _callback(self, event: str, *args) -> None:
+        for cb in self.callbacks:
+            if hasattr(cb, event):
+                getattr(cb, event)(self, *args)
+
     def train(self) -> dict:
         cfg = self.cfg
+        self._callback("on_train_start")
         dataset = data_lib.SeededAugmentation(self.train_set, cfg.seed)
         accum, nonfinite, skip_step = cfg.grad_accum, 0, False
         window = {"time": 0.0, "n": 0, "losses": {}}
@@ -252,6 +264,8 @@ class Trainer:
                 if (cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0) or \
                         (end_of_epoch and not cfg.checkpoint_every):
                     self.save()
+                if end_of_epoch:
+                    self._callback("on_epoch_end", epoch + 1)
                 if end_of_epoch and cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and \
                         self.iteration < self.total_iters:
                     self.run_eval(epoch + 1)
@@ -260,6 +274,7 @@ class Trainer:
         bar.close()
         self.run_eval(None)
         self.save()
+        self._callback("on_train_end")
         return self.metrics
 
     def _forward_backward(self, images, masks, targets, accum: int, sync: bool) -> Optional[dict]:
