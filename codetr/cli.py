@@ -67,7 +67,14 @@ def _train(args: argparse.Namespace) -> int:
                       amp=args.amp, ema_decay=args.ema, eval_every=args.eval_every,
                       checkpoint_every=args.checkpoint_every, num_workers=args.workers, seed=args.seed,
                       resume=args.resume, device=args.device)
-    metrics = Trainer(cfg).train()
+    if args.record_instability < 0:
+        raise UserError(f"--record-instability: expected a number of images >= 0, got {args.record_instability}")
+    callbacks = []
+    if args.record_instability:
+        from codetr.analysis import MatchingInstability
+
+        callbacks.append(MatchingInstability(num_images=args.record_instability))
+    metrics = Trainer(cfg, callbacks=callbacks).train()
     if metrics:
         print(json.dumps({k: v for k, v in metrics.items() if k != "per_class"}))
     return 0
@@ -127,6 +134,59 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _labels(labels, paths, what: str):
+    if labels is None:
+        return None
+    if len(labels) != len(paths):
+        raise UserError(f"--labels: {len(labels)} labels for {len(paths)} {what}")
+    if len(set(labels)) != len(labels):
+        raise UserError(f"--labels: labels must be distinct, got {labels}")
+    return labels
+
+
+def _analyze_instability(args: argparse.Namespace) -> int:
+    from codetr.analysis.plots import MissingMatplotlib
+    from codetr.analysis.reports import instability_report
+
+    for run in args.run_dirs:
+        if not Path(run).is_dir():
+            raise UserError(f"RUN_DIR: folder not found: {run}")
+    labels = _labels(args.labels, args.run_dirs, "runs")
+    try:
+        png = instability_report([Path(r) for r in args.run_dirs], Path(args.out), labels)
+    except MissingMatplotlib as e:
+        raise UserError(str(e)) from e
+    print(f"instability: {png} and {png.with_suffix('.csv')}")
+    return 0
+
+
+def _analyze_discriminability(args: argparse.Namespace) -> int:
+    from codetr.analysis.plots import MissingMatplotlib
+    from codetr.analysis.reports import discriminability_report
+
+    for c in args.checkpoint:
+        _need_files(checkpoint=c)
+    _need_files(json=args.json)
+    _need_dirs(images=args.images)
+    if args.num_images < 1:
+        raise UserError(f"--num-images: expected >= 1, got {args.num_images}")
+    labels = _labels(args.labels, args.checkpoint, "checkpoints")
+    if labels is None and len(set(args.checkpoint)) != len(args.checkpoint):
+        raise UserError("--checkpoint: the same checkpoint is given twice")
+    try:
+        summary = discriminability_report([Path(c) for c in args.checkpoint], Path(args.json), Path(args.images),
+                                          Path(args.out), args.num_images, args.num_overlays, labels, args.device)
+    except MissingMatplotlib as e:
+        raise UserError(str(e)) from e
+    except ValueError as e:  # not a codetr checkpoint, malformed json
+        raise UserError(str(e)) from e
+    for label, s in summary.items():
+        print(f"{label}: area under IoF(IoB) {s['auc']:.3f} over {s['images']} images "
+              f"({100 * s['foreground_fraction']:.1f}% foreground cells)")
+    print(f"curves: {Path(args.out) / 'curves.csv'}, {Path(args.out) / 'curves.png'}")
+    return 0
+
+
 def _need_files(**paths) -> None:
     for name, p in paths.items():
         if p is not None and not Path(p).is_file():
@@ -174,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--record-instability", type=int, default=0, metavar="N",
+                   help="record Hungarian matching instability per epoch on N training images "
+                        "(OUT/instability.csv); 0: off")
     p.add_argument("--out", required=True)
     p.set_defaults(func=_train)
 
@@ -193,6 +256,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-score", type=float, default=0.3)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_predict)
+
+    p = sub.add_parser("analyze", help="the paper's analyses (needs matplotlib: pip install codetr[analysis])")
+    asub = p.add_subparsers(dest="analysis", required=True)
+    a = asub.add_parser("instability", help="plot matching instability per epoch of runs trained with "
+                                            "--record-instability")
+    a.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    a.add_argument("--labels", nargs="+", help="one name per run (default: the folder names)")
+    a.add_argument("--out", required=True)
+    a.set_defaults(func=_analyze_instability)
+    a = asub.add_parser("discriminability", help="IoF-IoB curves and heat maps of the encoder's feature norms")
+    a.add_argument("--checkpoint", nargs="+", required=True)
+    a.add_argument("--labels", nargs="+", help="one name per checkpoint (default: the folder names)")
+    a.add_argument("--json", required=True)
+    a.add_argument("--images", required=True)
+    a.add_argument("--out", required=True)
+    a.add_argument("--num-images", type=int, default=50, help="the first N images of the json")
+    a.add_argument("--num-overlays", type=int, default=4, help="heat-map PNGs for the first N images")
+    a.add_argument("--device", default="cpu")
+    a.set_defaults(func=_analyze_discriminability)
 
     p = sub.add_parser("demo", help="synthetic data: train K=0 and K=2 briefly, evaluate, draw predictions")
     p.add_argument("--out", default="runs/demo")
