@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from codetr.config import build_model, get_preset, param_groups
+from codetr.config import apply_overrides, build_model, get_preset, param_groups
 
 from . import data as data_lib
 from .checkpoint import load_checkpoint, load_model_state, save_checkpoint
@@ -100,7 +100,8 @@ class Trainer:
         if self.device.type == "cuda" and self.world_size > 1:
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(self.device)
-        self.model_cfg = get_preset(cfg.preset)
+        # With the overrides: those of data.* shape the datasets built next.
+        self.model_cfg = apply_overrides(get_preset(cfg.preset), cfg.overrides)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
 

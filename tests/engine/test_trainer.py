@@ -10,7 +10,9 @@ from codetr.data import ensure_synthetic_dataset
 from codetr.engine import TrainConfig, Trainer, load_checkpoint, save_checkpoint
 from codetr.engine.data import EpochBatchSampler
 
-TINY = {"transformer.d_model": 32, "transformer.dim_feedforward": 64, "transformer.num_encoder_layers": 1,
+# d_model 64: GroupNorm(32) keeps 2 channels per group, so that it can normalise the 1 x 1
+# maps (strides 64 and 128) of these 64-pixel images in training.
+TINY = {"transformer.d_model": 64, "transformer.dim_feedforward": 64, "transformer.num_encoder_layers": 1,
         "transformer.num_decoder_layers": 2, "transformer.n_heads": 2, "transformer.n_points": 2,
         "num_queries": 20, "num_detections": 20, "backbone.pretrained": False,
         "data.train_scales": (64, 72), "data.max_size": 96, "data.crop_sizes": (40, 64),
