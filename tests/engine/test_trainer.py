@@ -1,7 +1,9 @@
-"""Trainer: exact resume, atomic checkpoints, non-finite steps, evaluation, the CLI."""
+"""Trainer: exact resume, atomic checkpoints, non-finite steps, evaluation, the CLI,
+gradient accumulation against the larger batch."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +19,10 @@ TINY = {"transformer.d_model": 64, "transformer.dim_feedforward": 64, "transform
         "num_queries": 20, "num_detections": 20, "backbone.pretrained": False,
         "data.train_scales": (64, 72), "data.max_size": 96, "data.crop_sizes": (40, 64),
         "data.resize_before_crop": (64,)}
+# For comparing runs that split the same images differently into batches and processes:
+# every (64 x 64) training image stays 64 x 64 (no rescale, the crop takes it whole), so no
+# batch is padded; no gradient clipping, which would hide a wrong scale of a step's gradient.
+EXACT = {**TINY, "data.train_scales": (64,), "data.crop_sizes": (64, 64), "optim.grad_clip": 0.0}
 
 
 @pytest.fixture(autouse=True)
@@ -153,3 +159,61 @@ def test_cli_train_then_eval(data, tmp_path):
             "--results", str(tmp_path / "res.json"))
     assert r.returncode == 0, r.stderr
     assert "AP50" in r.stdout and json.loads((tmp_path / "res.json").read_text()) is not None
+
+
+def _weights(path):
+    ckpt = torch.load(path, weights_only=True)
+    return ckpt.get("model", ckpt)
+
+
+def _assert_same_weights(a, b, rtol=1e-5, atol=1e-5):
+    """All weights close. Adam divides each gradient element by its own magnitude, so an
+    element whose gradient is almost 0 moves by rounding noise: atol is 5% of one lr step
+    (2e-4; a wrong normaliser moved weights by ~1e-4). The key biases of the attention
+    layers (the middle third of in_proj_bias) are left out: softmax cancels the q.b they add
+    to every logit of a query, so their gradient is 0 but rounding, moving them by up to lr."""
+    assert a.keys() == b.keys()
+    for k in a:
+        x, y = a[k], b[k]
+        if k.endswith("attn.in_proj_bias"):
+            d = len(x) // 3
+            x, y = torch.cat((x[:d], x[2 * d:])), torch.cat((y[:d], y[2 * d:]))
+        torch.testing.assert_close(x, y, rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
+
+
+def _uneven_json(data, path):
+    """The training json with boxes removed so that the 2 images of each batch of 2 (seed 0,
+    epoch 0) hold different numbers of boxes, and the second image of the first batch none
+    (with one image per process on 2 processes: rank 1 gets no box on step 1)."""
+    ann = json.loads(Path(data["train"]["ann_file"]).read_text())
+    ids = sorted(im["id"] for im in ann["images"])
+    batches = [[ids[i] for i in b] for b in EpochBatchSampler(len(ids), 2, seed=0, epoch=0)]
+    count = lambda i: sum(a["image_id"] == i for a in ann["annotations"])  # noqa: E731
+    drop = {batches[0][1]: count(batches[0][1])}
+    drop.update({a: 1 for a, b in batches[1:] if count(a) == count(b)})
+    kept = []
+    for a in ann["annotations"]:
+        if drop.get(a["image_id"], 0):
+            drop[a["image_id"]] -= 1
+        else:
+            kept.append(a)
+    ann["annotations"] = kept
+    assert count(batches[0][1]) == 0 < count(batches[0][0])
+    assert all(count(a) != count(b) for a, b in batches), [(count(a), count(b)) for a, b in batches]
+    path.write_text(json.dumps(ann))
+    return str(path)
+
+
+def test_gradient_accumulation_equals_the_larger_batch(data, tmp_path):
+    """K=0: batches of 1 image accumulated 2 by 2 = batches of the same 2 images (same
+    weights and logged losses after 3 steps), although the 2 images hold different numbers
+    of boxes: the DETR normaliser counts the boxes of the whole step."""
+    flat = lambda s: [i for b in s for i in b]  # noqa: E731
+    assert flat(EpochBatchSampler(6, 1, 0, 0)) == flat(EpochBatchSampler(6, 2, 0, 0))  # same image order
+    kw = dict(train_json=_uneven_json(data, tmp_path / "train.json"), aux_heads=(), overrides=EXACT, iters=3,
+              checkpoint_every=0)
+    Trainer(_cfg(data, tmp_path / "big", batch_size=2, **kw)).train()
+    Trainer(_cfg(data, tmp_path / "accum", batch_size=1, grad_accum=2, **kw)).train()
+    for ra, rb in zip(_losses(tmp_path / "big"), _losses(tmp_path / "accum"), strict=True):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5), ra["iter"]
+    _assert_same_weights(_weights(tmp_path / "big" / "last.pt"), _weights(tmp_path / "accum" / "last.pt"))
