@@ -67,9 +67,14 @@ def _train(args: argparse.Namespace) -> int:
                       amp=args.amp, ema_decay=args.ema, eval_every=args.eval_every,
                       checkpoint_every=args.checkpoint_every, num_workers=args.workers, seed=args.seed,
                       resume=args.resume, device=args.device)
-    metrics = Trainer(cfg).train()
-    if metrics:
+    trainer = Trainer(cfg)  # under torchrun it joins the process group (see engine.trainer)
+    metrics = trainer.train()
+    if metrics and trainer.rank == 0:
         print(json.dumps({k: v for k, v in metrics.items() if k != "per_class"}))
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
     return 0
 
 

@@ -62,6 +62,13 @@ def _is_main() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
+def init_distributed(device: torch.device) -> None:
+    """Join the process group that torchrun describes in the environment (WORLD_SIZE > 1),
+    unless one exists already: NCCL for CUDA devices, gloo on CPU."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
 def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -95,11 +102,12 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, callbacks: Sequence = ()):
         self.cfg = cfg
         self.callbacks = list(callbacks)
-        self.rank, self.world_size = _world()
         self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if self.device.type == "cuda" and self.world_size > 1:
-            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if self.device.type == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per process
+            self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(self.device)
+        init_distributed(self.device)
+        self.rank, self.world_size = _world()
         # With the overrides: those of data.* shape the datasets built next.
         self.model_cfg = apply_overrides(get_preset(cfg.preset), cfg.overrides)
         torch.manual_seed(cfg.seed)

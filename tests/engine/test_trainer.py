@@ -1,6 +1,8 @@
 """Trainer: exact resume, atomic checkpoints, non-finite steps, evaluation, the CLI,
-gradient accumulation against the larger batch."""
+gradient accumulation and torchrun DDP against the larger batch."""
+import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -217,3 +219,38 @@ def test_gradient_accumulation_equals_the_larger_batch(data, tmp_path):
     for ra, rb in zip(_losses(tmp_path / "big"), _losses(tmp_path / "accum"), strict=True):
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5), ra["iter"]
     _assert_same_weights(_weights(tmp_path / "big" / "last.pt"), _weights(tmp_path / "accum" / "last.pt"))
+
+
+def test_torchrun_ddp_equals_one_process_on_the_combined_batch(data, tmp_path):
+    """2 gloo processes with torchrun, 1 image each per step, vs 1 process with batches of the
+    same 2 images. On the first step rank 1's image has no box. K=0: the same weights;
+    K=2 (atss, rcnn): runs (every parameter gets a gradient) and the ranks stay identical."""
+    # on each step the 2 ranks hold the images of one batch of 2 (those of _uneven_json)
+    rank0, rank1 = (list(EpochBatchSampler(6, 1, 0, 0, rank=r, world_size=2)) for r in (0, 1))
+    assert [a + b for a, b in zip(rank0, rank1)] == list(EpochBatchSampler(6, 2, 0, 0))
+    common = dict(train_json=_uneven_json(data, tmp_path / "train.json"), overrides=EXACT, checkpoint_every=0)
+
+    val = dict(val_json=str(data["val"]["ann_file"]), val_images=str(data["val"]["images_dir"]))
+    configs = []
+    for name, heads, iters, extra in (("k0", (), 3, {}), ("k2", ("atss", "rcnn"), 2, val)):
+        cfg = _cfg(data, tmp_path / name, aux_heads=heads, iters=iters, batch_size=1, **common, **extra)
+        configs.append(tmp_path / f"{name}.json")
+        configs[-1].write_text(json.dumps(dataclasses.asdict(cfg)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(Path(__file__).with_name("ddp_train.py")), *map(str, configs)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    for name in ("k0", "k2"):
+        w0, w1 = _weights(tmp_path / name / "rank0.pt"), _weights(tmp_path / name / "rank1.pt")
+        assert all(torch.equal(w0[k], w1[k]) for k in w0), name  # DDP keeps the ranks bit-identical
+        assert all(torch.isfinite(v).all() for v in w0.values() if v.is_floating_point())
+    # only rank 0 writes (one log record per step); it evaluates while rank 1 waits
+    assert [r["iter"] for r in _losses(tmp_path / "k0")] == [1, 2, 3]
+    assert [r["iter"] for r in _losses(tmp_path / "k2")] == [1, 2]
+    log = (tmp_path / "k2" / "log.jsonl").read_text().splitlines()
+    assert ["AP" in r.get("eval", {}) for r in map(json.loads, log)] == [False, False, True]
+
+    Trainer(_cfg(data, tmp_path / "one", aux_heads=(), iters=3, batch_size=2, **common)).train()
+    _assert_same_weights(_weights(tmp_path / "one" / "last.pt"), _weights(tmp_path / "k0" / "rank0.pt"))
