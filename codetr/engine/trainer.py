@@ -54,7 +54,7 @@ class TrainConfig:
     num_workers: int = 2
     seed: int = 0
     resume: bool = False
-    max_nonfinite: int = 5  # consecutive non-finite losses before training stops
+    max_nonfinite: int = 5  # consecutive steps skipped for non-finite losses or gradients before training stops
     device: Optional[str] = None
 
 
@@ -250,18 +250,19 @@ class Trainer:
                     self.batches_done += 1
                     losses = self._forward_backward(images, masks, targets, accum, sync=i == accum - 1)
                     if losses is None:
-                        skip_step, nonfinite = True, nonfinite + 1
-                        if nonfinite >= cfg.max_nonfinite:
-                            raise RuntimeError(f"{nonfinite} consecutive non-finite losses: training stopped; "
-                                               f"the last good checkpoint is {self.out_dir / 'last.pt'}")
+                        skip_step = True
                     else:
-                        nonfinite = 0
                         for k, v in losses.items():
                             window["losses"][k] = window["losses"].get(k, 0.0) + v
-            if skip_step:  # a skipped step still counts, so the schedule stays aligned
+            # A skipped step still counts, so the schedule stays aligned.
+            if skip_step or not self._step():
                 self.optimizer.zero_grad(set_to_none=True)
+                nonfinite += 1
+                if nonfinite >= cfg.max_nonfinite:
+                    raise RuntimeError(f"{nonfinite} consecutive steps with non-finite losses or gradients: "
+                                       f"training stopped; the last good checkpoint is {self.out_dir / 'last.pt'}")
             else:
-                self._step()
+                nonfinite = 0
             self.iteration += 1
             bar.update(1)
             window["time"] += time.perf_counter() - t0
@@ -330,19 +331,32 @@ class Trainer:
             self.scaler.scale(loss / accum).backward()
         return {k: float(v.detach()) for k, v in loss_dict.items()}
 
-    def _step(self) -> None:
+    def _step(self) -> bool:
+        """The optimizer step; False (nothing updated) when a gradient is not finite."""
         f = self.lr_factor(self.iteration)
         for g in self.optimizer.param_groups:
             g["lr"] = g["initial_lr"] * f
         clip = self.model_cfg.optim.grad_clip
         if clip:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        # The total norm also tells whether a gradient is not finite, with a finite loss (a
+        # bf16 overflow, a faulty kernel): without fp16's GradScaler, which skips such steps
+        # itself, one NaN would reach every weight through the clipping and Adam.
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if not self.scaler.is_enabled() and not torch.isfinite(norm):
+            bad = [n for n, p in self.model.named_parameters() if p.grad is not None and not p.grad.isfinite().all()]
+            warnings.warn(f"iteration {self.iteration}: non-finite gradient of {len(bad)} parameters "
+                          f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}) with a finite loss; step skipped")
+            return False
+        if clip:
+            torch.nn.utils.clip_grads_with_norm_(params, clip, norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema:
             self.ema.update(self.model)
+        return True
 
     def _log_window(self, window: dict, epoch: int) -> None:
         n = max(window["n"], 1)
