@@ -52,6 +52,8 @@ class UserError(Exception):
 
 
 def _train(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
     from codetr.config import PRESETS
     from codetr.engine import TrainConfig, Trainer
 
@@ -74,9 +76,12 @@ def _train(args: argparse.Namespace) -> int:
         from codetr.analysis import MatchingInstability
 
         callbacks.append(MatchingInstability(num_images=args.record_instability))
-    metrics = Trainer(cfg, callbacks=callbacks).train()
-    if metrics:
+    trainer = Trainer(cfg, callbacks=callbacks)  # under torchrun it joins the process group (see engine.trainer)
+    metrics = trainer.train()
+    if metrics and trainer.rank == 0:
         print(json.dumps({k: v for k, v in metrics.items() if k != "per_class"}))
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
     return 0
 
 

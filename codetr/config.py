@@ -146,11 +146,12 @@ def config_from_dict(d: dict) -> DetectorConfig:
     return build(DetectorConfig, d)
 
 
-def _apply_overrides(cfg, overrides: dict):
-    """Overrides are field names, dotted for nested configs: {"transformer.d_model": 128}."""
+def apply_overrides(cfg, overrides: dict):
+    """A copy of cfg with the overrides: field names, dotted (or ``__``) for nested configs:
+    {"transformer.d_model": 128}."""
     cfg = copy.deepcopy(cfg)
     for key, value in overrides.items():
-        path = key.split(".")
+        path = key.replace("__", ".").split(".")
         target = cfg
         for part in path[:-1]:
             if not hasattr(target, part):
@@ -193,7 +194,7 @@ def build_model(cfg: Union[str, DetectorConfig], num_classes: int, aux_heads: Op
     from codetr.models.transformer import DeformableDecoder, DeformableEncoder
 
     cfg = get_preset(cfg) if isinstance(cfg, str) else copy.deepcopy(cfg)
-    cfg = _apply_overrides(cfg, {k.replace("__", "."): v for k, v in overrides.items()})
+    cfg = apply_overrides(cfg, overrides)
     for key, value in (("aux_heads", aux_heads), ("lambda1", lambda1), ("lambda2", lambda2)):
         if value is not None:
             setattr(cfg.co, key, tuple(value) if key == "aux_heads" else value)

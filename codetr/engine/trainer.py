@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from codetr.config import build_model, get_preset, param_groups
+from codetr.config import apply_overrides, build_model, get_preset, param_groups
 
 from . import data as data_lib
 from .checkpoint import load_checkpoint, load_model_state, save_checkpoint
@@ -54,12 +54,19 @@ class TrainConfig:
     num_workers: int = 2
     seed: int = 0
     resume: bool = False
-    max_nonfinite: int = 5  # consecutive non-finite losses before training stops
+    max_nonfinite: int = 5  # consecutive steps skipped for non-finite losses or gradients before training stops
     device: Optional[str] = None
 
 
 def _is_main() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def init_distributed(device: torch.device) -> None:
+    """Join the process group that torchrun describes in the environment (WORLD_SIZE > 1),
+    unless one exists already: NCCL for CUDA devices, gloo on CPU."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
 def _world() -> tuple[int, int]:
@@ -95,12 +102,14 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, callbacks: Sequence = ()):
         self.cfg = cfg
         self.callbacks = list(callbacks)
-        self.rank, self.world_size = _world()
         self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if self.device.type == "cuda" and self.world_size > 1:
-            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if self.device.type == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per process
+            self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(self.device)
-        self.model_cfg = get_preset(cfg.preset)
+        init_distributed(self.device)
+        self.rank, self.world_size = _world()
+        # With the overrides: those of data.* shape the datasets built next.
+        self.model_cfg = apply_overrides(get_preset(cfg.preset), cfg.overrides)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
 
@@ -222,60 +231,84 @@ class Trainer:
         cfg = self.cfg
         self._callback("on_train_start")
         dataset = data_lib.SeededAugmentation(self.train_set, cfg.seed)
-        accum, nonfinite, skip_step = cfg.grad_accum, 0, False
+        stream = self._batch_stream(dataset)
+        accum, nonfinite = cfg.grad_accum, 0
         window = {"time": 0.0, "n": 0, "losses": {}}
         bar = tqdm(total=self.total_iters, initial=self.iteration, disable=not _is_main(), desc="train",
                    dynamic_ncols=True)
         self.ddp_model.train()
+        t0 = time.perf_counter()
         while self.iteration < self.total_iters:
-            epoch, start = divmod(self.batches_done, self.steps_per_epoch)
-            loader = data_lib.train_loader(dataset, self.batch_size, epoch, start, cfg.seed, cfg.num_workers,
-                                           self.model_cfg.data.size_divisibility, self.rank, self.world_size)
+            # The step's batches are fetched first: the DETR normaliser counts the boxes of
+            # all of them (on all processes), so accumulating grad_accum batches gives the
+            # gradient of one grad_accum x larger batch (see _step_num_boxes).
+            step = [next(stream) for _ in range(accum)]
+            epoch = step[-1][0]
+            skip_step = False
+            with self.model.criterion.fixed_num_boxes(self._step_num_boxes([b for _, b in step])):
+                for i, (_, (images, masks, targets)) in enumerate(step):
+                    self.batches_done += 1
+                    losses = self._forward_backward(images, masks, targets, accum, sync=i == accum - 1)
+                    if losses is None:
+                        skip_step = True
+                    else:
+                        for k, v in losses.items():
+                            window["losses"][k] = window["losses"].get(k, 0.0) + v
+            # A skipped step still counts, so the schedule stays aligned.
+            if skip_step or not self._step():
+                self.optimizer.zero_grad(set_to_none=True)
+                nonfinite += 1
+                if nonfinite >= cfg.max_nonfinite:
+                    raise RuntimeError(f"{nonfinite} consecutive steps with non-finite losses or gradients: "
+                                       f"training stopped; the last good checkpoint is {self.out_dir / 'last.pt'}")
+            else:
+                nonfinite = 0
+            self.iteration += 1
+            bar.update(1)
+            window["time"] += time.perf_counter() - t0
+            window["n"] += 1
             t0 = time.perf_counter()
-            for images, masks, targets in loader:
-                self.batches_done += 1
-                step_done = self.batches_done % accum == 0
-                losses = self._forward_backward(images, masks, targets, accum, sync=step_done)
-                if losses is None:
-                    skip_step, nonfinite = True, nonfinite + 1
-                    if nonfinite >= cfg.max_nonfinite:
-                        raise RuntimeError(f"{nonfinite} consecutive non-finite losses: training stopped; "
-                                           f"the last good checkpoint is {self.out_dir / 'last.pt'}")
-                else:
-                    nonfinite = 0
-                    for k, v in losses.items():
-                        window["losses"][k] = window["losses"].get(k, 0.0) + v
-                if not step_done:
-                    continue
-                if skip_step:  # a skipped step still counts, so the schedule stays aligned
-                    self.optimizer.zero_grad(set_to_none=True)
-                    skip_step = False
-                else:
-                    self._step()
-                self.iteration += 1
-                bar.update(1)
-                window["time"] += time.perf_counter() - t0
-                window["n"] += 1
-                t0 = time.perf_counter()
-                if self.iteration % cfg.log_every == 0 or self.iteration == self.total_iters:
-                    self._log_window(window, epoch)
-                    window = {"time": 0.0, "n": 0, "losses": {}}
-                end_of_epoch = self.batches_done % self.steps_per_epoch == 0
-                if (cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0) or \
-                        (end_of_epoch and not cfg.checkpoint_every):
-                    self.save()
-                if end_of_epoch:
-                    self._callback("on_epoch_end", epoch + 1)
-                if end_of_epoch and cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and \
-                        self.iteration < self.total_iters:
-                    self.run_eval(epoch + 1)
-                if self.iteration >= self.total_iters:
-                    break
+            if self.iteration % cfg.log_every == 0 or self.iteration == self.total_iters:
+                self._log_window(window, epoch)
+                window = {"time": 0.0, "n": 0, "losses": {}}
+            # An epoch ended within this step's batches (at its last one unless grad_accum
+            # does not divide the epoch).
+            epochs_done = self.batches_done // self.steps_per_epoch
+            end_of_epoch = epochs_done > (self.batches_done - accum) // self.steps_per_epoch
+            if (cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0) or \
+                    (end_of_epoch and not cfg.checkpoint_every):
+                self.save()
+            if end_of_epoch:
+                self._callback("on_epoch_end", epochs_done)
+            if end_of_epoch and cfg.eval_every and epochs_done % cfg.eval_every == 0 and \
+                    self.iteration < self.total_iters:
+                self.run_eval(epochs_done)
+        stream.close()  # ends the current loader (and its workers)
         bar.close()
         self.run_eval(None)
         self.save()
         self._callback("on_train_end")
         return self.metrics
+
+    def _batch_stream(self, dataset):
+        """(epoch, batch) from batch ``batches_done`` on, across epochs, without end."""
+        epoch, start = divmod(self.batches_done, self.steps_per_epoch)
+        while True:
+            yield from ((epoch, b) for b in data_lib.train_loader(
+                dataset, self.batch_size, epoch, start, self.cfg.seed, self.cfg.num_workers,
+                self.model_cfg.data.size_divisibility, self.rank, self.world_size))
+            epoch, start = epoch + 1, 0
+
+    def _step_num_boxes(self, batches: list) -> float:
+        """The DETR normaliser of an optimizer step: its target boxes (over its batches and
+        all processes) per batch and per process. Each batch's losses are sums over boxes
+        divided by it, and the trainer divides them by grad_accum and DDP averages them over
+        processes, so the step's gradient is (sum over all its boxes) / (all its boxes): that
+        of a single batch holding all the step's images. That holds for the one-to-one
+        losses (all of K=0); Co-DETR's auxiliary losses normalise by each batch's positives
+        (see the README's training section)."""
+        targets = [t for _, _, batch_targets in batches for t in batch_targets]
+        return self.model.criterion.num_boxes(targets, self.device, num_batches=len(batches))
 
     def _forward_backward(self, images, masks, targets, accum: int, sync: bool) -> Optional[dict]:
         """One batch: forward, loss checks, backward (loss / accum). Returns the loss terms
@@ -298,19 +331,32 @@ class Trainer:
             self.scaler.scale(loss / accum).backward()
         return {k: float(v.detach()) for k, v in loss_dict.items()}
 
-    def _step(self) -> None:
+    def _step(self) -> bool:
+        """The optimizer step; False (nothing updated) when a gradient is not finite."""
         f = self.lr_factor(self.iteration)
         for g in self.optimizer.param_groups:
             g["lr"] = g["initial_lr"] * f
         clip = self.model_cfg.optim.grad_clip
         if clip:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        # The total norm also tells whether a gradient is not finite, with a finite loss (a
+        # bf16 overflow, a faulty kernel): without fp16's GradScaler, which skips such steps
+        # itself, one NaN would reach every weight through the clipping and Adam.
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if not self.scaler.is_enabled() and not torch.isfinite(norm):
+            bad = [n for n, p in self.model.named_parameters() if p.grad is not None and not p.grad.isfinite().all()]
+            warnings.warn(f"iteration {self.iteration}: non-finite gradient of {len(bad)} parameters "
+                          f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}) with a finite loss; step skipped")
+            return False
+        if clip:
+            torch.nn.utils.clip_grads_with_norm_(params, clip, norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema:
             self.ema.update(self.model)
+        return True
 
     def _log_window(self, window: dict, epoch: int) -> None:
         n = max(window["n"], 1)

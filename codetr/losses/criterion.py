@@ -1,7 +1,8 @@
 """DETR set criterion: Hungarian matching, then focal + L1 + GIoU on the matched pairs."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import contextlib
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -41,15 +42,32 @@ class SetCriterion(nn.Module):
         self.num_classes, self.matcher = num_classes, matcher
         self.weight_cls, self.weight_bbox, self.weight_giou = weight_cls, weight_bbox, weight_giou
         self.alpha, self.gamma = alpha, gamma
+        self.num_boxes_override: Optional[float] = None  # see fixed_num_boxes
 
     @staticmethod
-    def num_boxes(targets: list[dict], device: torch.device) -> float:
-        """Target boxes per process, averaged over processes, at least 1 (the normaliser)."""
+    def num_boxes(targets: list[dict], device: torch.device, num_batches: int = 1) -> float:
+        """The normaliser: target boxes per batch and per process, i.e. the count over all
+        processes (``targets`` being this process's ``num_batches`` batches) divided by
+        world_size * num_batches. The total is clamped to >= 1 before dividing (DETR clamps
+        after), so that the gradient of a step equals that of one batch holding all its images
+        whatever their split into processes and batches, even with fewer boxes than batches."""
         n = torch.tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
+        world = 1
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(n)
-            n = n / dist.get_world_size()
-        return max(float(n.item()), 1.0)
+            world = dist.get_world_size()
+        return max(float(n.item()), 1.0) / (world * num_batches)
+
+    @contextlib.contextmanager
+    def fixed_num_boxes(self, n: float) -> Iterator[None]:
+        """Within the block, ``forward`` normalises by ``n`` instead of counting its own
+        targets: gradient accumulation sets the count over all the batches of the optimizer
+        step, which a single batch cannot know."""
+        old, self.num_boxes_override = self.num_boxes_override, n
+        try:
+            yield
+        finally:
+            self.num_boxes_override = old
 
     def single(self, outputs: dict, targets: list[dict], num_boxes: float,
                indices=None) -> dict[str, torch.Tensor]:
@@ -76,7 +94,9 @@ class SetCriterion(nn.Module):
                 "loss_giou": self.weight_giou * loss_giou}
 
     def forward(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
-        n = self.num_boxes(targets, outputs["pred_logits"].device)
+        n = self.num_boxes_override
+        if n is None:
+            n = self.num_boxes(targets, outputs["pred_logits"].device)
         losses = self.single(outputs, targets, n)
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
             losses.update({f"d{i}.{k}": v for k, v in self.single(aux, targets, n).items()})
