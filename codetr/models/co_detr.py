@@ -14,13 +14,12 @@ import copy
 from typing import Literal, Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from codetr.box_ops import box_xyxy_to_cxcywh
 
 from .deformable_detr import DeformableDETRPP
-from .heads.common import AuxPositives
+from .heads.common import AuxPositives, reduce_mean
 from .position_encoding import coord_sine_embed
 
 
@@ -184,11 +183,8 @@ class CoDETR(DeformableDETRPP):
         content, position = self.positive_queries[name](boxes, feats)
         out = self.decode(content, boxes, enc, query_pos=position)
         indices = [(torch.arange(len(t["labels"])), torch.arange(len(t["labels"]))) for t in targets]
-        n = torch.tensor([float(sum(len(t["labels"]) for t in targets))], device=boxes.device)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(n)
-            n = n / dist.get_world_size()
-        n = max(float(n.item()), 1.0)
+        n = reduce_mean(torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=boxes.device))
+        n = max(float(n), 1.0)
         losses = self.criterion.single(out, targets, n, indices)
         for i, layer in enumerate(out["aux_outputs"]):
             losses.update({f"d{i}.{k}": v for k, v in self.criterion.single(layer, targets, n, indices).items()})

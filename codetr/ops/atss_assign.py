@@ -142,7 +142,7 @@ def atss_assign_reference(
         _atss_one_image(anchors, num_anchors_per_level, gt_boxes[b, :n], topk)
         for b, n in enumerate(gt_counts.tolist())
     ]
-    B, A = gt_boxes.shape[0], anchors.shape[0]
+    A = anchors.shape[0]
     if not results:
         return anchors.new_zeros((0, A), dtype=torch.long), anchors.new_zeros((0, A))
     return torch.stack([r[0] for r in results]), torch.stack([r[1] for r in results])

@@ -102,7 +102,6 @@ def max_iou_assign_reference(
     neg_lo, neg_hi = _neg_range(neg_iou_thr)
     _check(priors, gt_boxes, gt_counts)
     dtype = compute_dtype(priors, gt_boxes)
-    B = gt_boxes.shape[0]
     priors = priors.to(dtype)
     gt_boxes = gt_boxes.to(dtype)
     A = priors.shape[-2]

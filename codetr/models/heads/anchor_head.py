@@ -11,18 +11,12 @@ import math
 from typing import Optional, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from ... import ops
 from ...losses.focal import sigmoid_focal_loss
-from .common import AuxPositives, DeltaXYWHCoder, inside_image, level_anchors, pad_gts, random_subset, touch
-
-
-def gn_groups(channels: int) -> int:
-    """GroupNorm groups: 32 (mmdetection's GN config) when it divides ``channels``, else the
-    largest divisor below 32 (small test widths)."""
-    return max(g for g in range(1, min(32, channels) + 1) if channels % g == 0)
+from .common import (AuxPositives, DeltaXYWHCoder, gn_groups, inside_image, level_anchors, pad_gts, random_subset,
+                     reduce_mean, touch)
 
 
 def conv_tower(in_channels: int, feat_channels: int, num_convs: int, norm: bool) -> nn.Sequential:
@@ -43,15 +37,6 @@ def flatten_anchor_outputs(x: torch.Tensor, k: int) -> torch.Tensor:
     common.level_anchors (cell-major, the A anchors of a cell contiguous)."""
     B, _, H, W = x.shape
     return x.permute(0, 2, 3, 1).reshape(B, H * W * (x.shape[1] // k), k)
-
-
-def reduce_mean(x: torch.Tensor) -> torch.Tensor:
-    """Mean of a tensor over the processes (itself without torch.distributed)."""
-    if dist.is_available() and dist.is_initialized():
-        x = x.clone()
-        dist.all_reduce(x)
-        x = x / dist.get_world_size()
-    return x
 
 
 def num_positives_avg(num_pos: torch.Tensor) -> float:
@@ -247,5 +232,4 @@ class AnchorHead(nn.Module):
         return results
 
 
-__all__ = ["AnchorHead", "Scale", "conv_tower", "flatten_anchor_outputs", "gn_groups", "num_positives_avg",
-           "reduce_mean"]
+__all__ = ["AnchorHead", "Scale", "conv_tower", "flatten_anchor_outputs", "num_positives_avg"]

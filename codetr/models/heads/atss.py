@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ... import ops
-from .anchor_head import AnchorHead, Scale, conv_tower, reduce_mean
+from .anchor_head import AnchorHead, Scale, conv_tower
+from .common import reduce_mean
 from .common import DEFAULT_STRIDES
 
 
@@ -102,4 +103,4 @@ class ATSSHead(AnchorHead):
 
 
 
-__all__ = ["ATSSHead", "HEAD", "centerness_target"]
+__all__ = ["ATSSHead", "centerness_target"]

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+import torch.distributed as dist
 
 #: The adapter's J = 5 levels.
 DEFAULT_STRIDES = (8, 16, 32, 64, 128)
@@ -145,3 +146,18 @@ def touch(*tensors: torch.Tensor) -> torch.Tensor:
     """0 * sum of the tensors: added to a loss so every parameter that produced them gets a
     (zero) gradient even when no sample selects them (DDP requires it)."""
     return sum(t.sum() * 0.0 for t in tensors)
+
+
+def gn_groups(channels: int) -> int:
+    """GroupNorm groups: 32 (mmdetection's GN config) when it divides ``channels``, else the
+    largest divisor below 32 (small test widths)."""
+    return max(g for g in range(1, min(32, channels) + 1) if channels % g == 0)
+
+
+def reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean of a tensor over the processes (itself without torch.distributed)."""
+    if dist.is_available() and dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x)
+        x = x / dist.get_world_size()
+    return x

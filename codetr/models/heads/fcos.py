@@ -13,14 +13,14 @@ import math
 from typing import Optional, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from codetr.losses.focal import sigmoid_focal_loss
 from codetr.ops import batched_nms, generalized_box_iou_loss
 
-from .common import DEFAULT_STRIDES, AuxPositives, inside_image, level_centers, random_subset, touch
+from .common import (DEFAULT_STRIDES, AuxPositives, gn_groups, inside_image, level_centers, random_subset,
+                     reduce_mean, touch)
 
 INF = float("inf")
 
@@ -77,19 +77,6 @@ def distance_to_boxes(points: torch.Tensor, ltrb: torch.Tensor) -> torch.Tensor:
     return torch.cat((points - ltrb[..., :2], points + ltrb[..., 2:]), -1)
 
 
-def _mean_over_processes(value: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        value = value.clone()
-        dist.all_reduce(value)
-        value = value / dist.get_world_size()
-    return value
-
-
-def _num_groups(channels: int, max_groups: int = 32) -> int:
-    """The most GroupNorm groups (at most 32) that divide ``channels``."""
-    return next(g for g in range(min(max_groups, channels), 0, -1) if channels % g == 0)
-
-
 class FCOSHead(nn.Module):
     """FCOS head on the J adapter levels (see common.py for the forward/predict contract).
 
@@ -135,7 +122,7 @@ class FCOSHead(nn.Module):
                 c = in_channels if i == 0 else feat_channels
                 # No conv bias: GroupNorm's shift replaces it (mmdetection's conv_bias="auto").
                 layers += [nn.Conv2d(c, feat_channels, 3, padding=1, bias=False),
-                           nn.GroupNorm(_num_groups(feat_channels), feat_channels), nn.ReLU(inplace=True)]
+                           nn.GroupNorm(gn_groups(feat_channels), feat_channels), nn.ReLU(inplace=True)]
             return nn.Sequential(*layers)
 
         self.cls_convs, self.reg_convs = tower(), tower()
@@ -212,7 +199,7 @@ class FCOSHead(nn.Module):
         pos_gt = torch.cat([gt_boxes[b][assigned[b, pos[b]]] for b in range(B)])  # [P, 4], order of pos_b
         pos_lab = torch.cat([gt_labels[b][assigned[b, pos[b]]] for b in range(B)])
 
-        num_pos = _mean_over_processes(torch.tensor(float(pos_b.numel()), device=points.device)).clamp(min=1.0)
+        num_pos = reduce_mean(torch.tensor(float(pos_b.numel()), device=points.device)).clamp(min=1.0)
 
         # Classification: focal loss on every point in the image (padding ignored).
         onehot = torch.zeros_like(cls_logits)
@@ -223,7 +210,7 @@ class FCOSHead(nn.Module):
         # Box: GIoU of the decoded positive boxes, weighted by their centerness target.
         pos_points = points[pos_n]
         ctr_target = centerness_target(torch.cat((pos_points - pos_gt[:, :2], pos_gt[:, 2:] - pos_points), -1))
-        ctr_denom = _mean_over_processes(ctr_target.sum()).clamp(min=1e-6)
+        ctr_denom = reduce_mean(ctr_target.sum()).clamp(min=1e-6)
         pred_boxes = distance_to_boxes(pos_points, dists[pos_b, pos_n])
         giou = generalized_box_iou_loss(pred_boxes, pos_gt)
         loss_bbox = (giou * ctr_target).sum() / ctr_denom

@@ -78,4 +78,4 @@ class RetinaHead(AnchorHead):
 
 
 
-__all__ = ["HEAD", "RetinaHead"]
+__all__ = ["RetinaHead"]
