@@ -59,7 +59,7 @@ def _train(args: argparse.Namespace) -> int:
 
     if args.preset not in PRESETS:
         raise UserError(f"--preset: unknown preset {args.preset!r}; available: {', '.join(sorted(PRESETS))}")
-    _need_files(train_json=args.train_json, val_json=args.val_json)
+    _need_files(train_json=args.train_json, val_json=args.val_json, pretrained=args.pretrained)
     _need_dirs(train_images=args.train_images, val_images=args.val_images)
     heads = None if args.aux_heads is None else tuple(h for h in args.aux_heads.split(",") if h)
     cfg = TrainConfig(train_json=args.train_json, train_images=args.train_images, out_dir=args.out,
@@ -68,7 +68,8 @@ def _train(args: argparse.Namespace) -> int:
                       schedule=args.schedule, warmup_iters=args.warmup_iters, grad_accum=args.grad_accum,
                       amp=args.amp, ema_decay=args.ema, eval_every=args.eval_every,
                       checkpoint_every=args.checkpoint_every, num_workers=args.workers, seed=args.seed,
-                      resume=args.resume, device=args.device)
+                      resume=args.resume, device=args.device, pretrained=args.pretrained,
+                      tensorboard=args.tensorboard)
     if args.record_instability < 0:
         raise UserError(f"--record-instability: expected a number of images >= 0, got {args.record_instability}")
     callbacks = []
@@ -239,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--pretrained", help="start from this checkpoint's weights (classifiers of another class "
+                                        "count are re-initialised)")
+    p.add_argument("--tensorboard", action="store_true", help="also log to OUT/tensorboard")
     p.add_argument("--record-instability", type=int, default=0, metavar="N",
                    help="record Hungarian matching instability per epoch on N training images "
                         "(OUT/instability.csv); 0: off")

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from codetr.config import apply_overrides, build_model, get_preset, param_groups
 
 from . import data as data_lib
-from .checkpoint import load_checkpoint, load_model_state, save_checkpoint
+from .checkpoint import load_checkpoint, load_model_state, load_pretrained, save_checkpoint
 from .evaluate import evaluate
 
 
@@ -56,6 +56,8 @@ class TrainConfig:
     resume: bool = False
     max_nonfinite: int = 5  # consecutive steps skipped for non-finite losses or gradients before training stops
     device: Optional[str] = None
+    pretrained: Optional[str] = None  # a checkpoint to start from; classifiers of another shape are re-initialised
+    tensorboard: bool = False  # also log scalars to OUT/tensorboard (needs the tensorboard package)
 
 
 def _is_main() -> bool:
@@ -144,12 +146,17 @@ class Trainer:
         # lr drops at the preset's epochs, as fractions of the budget (11/12 of it for 1x).
         self.milestones = [round(e / ocfg.epochs * self.total_iters) for e in ocfg.lr_drop_epochs]
 
+        if cfg.pretrained and not cfg.resume:
+            skipped = load_pretrained(self.model, cfg.pretrained)
+            if _is_main() and skipped:
+                warnings.warn(f"pretrained: kept the initialisation of {len(skipped)} tensors: {', '.join(skipped)}")
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16" and self.device.type == "cuda")
         self.ema = ModelEMA(self.model, cfg.ema_decay) if cfg.ema_decay else None
         self.out_dir = Path(cfg.out_dir)
         self.iteration = 0  # optimizer steps done
         self.batches_done = 0  # batches consumed (iteration * grad_accum, plus a partial step)
         self.metrics: dict = {}
+        self._tb = None  # the TensorBoard writer, created on first use
         if cfg.resume:
             self._resume()
 
@@ -217,10 +224,22 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=dtype)
 
     def _log(self, record: dict) -> None:
-        if _is_main():
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.out_dir / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+        if not _is_main():
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.cfg.tensorboard:
+            if self._tb is None:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                except ImportError as e:
+                    raise RuntimeError("tensorboard=True needs the tensorboard package: pip install tensorboard") from e
+                self._tb = SummaryWriter(str(self.out_dir / "tensorboard"))
+            scalars = {**record, **{f"eval/{k}": v for k, v in record.get("eval", {}).items()}}
+            for k, v in scalars.items():
+                if isinstance(v, (int, float)) and k not in ("iter", "epoch"):
+                    self._tb.add_scalar(k, v, record["iter"])
 
     def _callback(self, event: str, *args) -> None:
         for cb in self.callbacks:

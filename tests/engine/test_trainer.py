@@ -313,3 +313,20 @@ def test_ema_is_the_exponential_average_of_the_weights(data, tmp_path):
         expect = d * (d * w0[k] + (1 - d) * w1[k]) + (1 - d) * w2[k] if v.is_floating_point() else w2[k]
         torch.testing.assert_close(v, expect, rtol=1e-6, atol=1e-7, msg=lambda m: f"{k}: {m}")
     assert any(not torch.equal(w0[k], w2[k]) for k in w0)  # training moved the weights
+
+
+def test_load_pretrained_reinitialises_only_the_classifiers(data, tmp_path):
+    from codetr.config import build_model
+    from codetr.engine import load_pretrained
+
+    Trainer(_cfg(data, tmp_path, iters=1)).train()
+    ckpt = load_checkpoint(tmp_path / "last.pt")["model"]
+    torch.manual_seed(123)
+    model = build_model("co_deformable_detr_lite0", 2, aux_heads=("atss",), **TINY)
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    skipped = load_pretrained(model, tmp_path / "last.pt")
+    # the tensors whose shape depends on the class count (the synthetic set has more classes)
+    assert set(skipped) == {k for k, v in fresh.items() if v.shape != ckpt[k].shape} != set()
+    assert all("class" in k or "cls" in k for k in skipped)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, fresh[k] if k in skipped else ckpt[k], rtol=0, atol=0)
