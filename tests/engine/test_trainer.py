@@ -162,6 +162,21 @@ def test_cli_train_then_eval(data, tmp_path):
             "--results", str(tmp_path / "res.json"))
     assert r.returncode == 0, r.stderr
     assert "AP50" in r.stdout and json.loads((tmp_path / "res.json").read_text()) is not None
+    images = sorted(data["val"]["images_dir"].iterdir())[:2]
+    r = run("predict", "--checkpoint", str(tmp_path / "run" / "last.pt"), *map(str, images), "--out",
+            str(tmp_path / "pred"), "--min-score", "0")
+    assert r.returncode == 0, r.stderr
+    from PIL import Image
+
+    for im in images:
+        dets = json.loads((tmp_path / "pred" / f"{im.stem}.json").read_text())["detections"]
+        assert len(dets) == 20 and all(0 <= d["score"] <= 1 and len(d["box_xyxy"]) == 4 for d in dets)
+        with Image.open(tmp_path / "pred" / f"{im.stem}.png") as drawn, Image.open(im) as orig:
+            assert drawn.size == orig.size
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    r = run("predict", "--checkpoint", str(tmp_path / "run" / "last.pt"), str(tmp_path / "bad.png"), "--out",
+            str(tmp_path / "pred"))
+    assert r.returncode == 2 and "cannot decode image" in r.stderr and "Traceback" not in r.stderr
 
 
 def _weights(path):
