@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import subprocess
 import sys
@@ -54,7 +55,7 @@ class UserError(Exception):
 def _train(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
-    from codetr.config import PRESETS
+    from codetr.config import PRESETS, apply_overrides, get_preset
     from codetr.engine import TrainConfig, Trainer
 
     if args.preset not in PRESETS:
@@ -62,8 +63,22 @@ def _train(args: argparse.Namespace) -> int:
     _need_files(train_json=args.train_json, val_json=args.val_json, pretrained=args.pretrained)
     _need_dirs(train_images=args.train_images, val_images=args.val_images)
     heads = None if args.aux_heads is None else tuple(h for h in args.aux_heads.split(",") if h)
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--set: expected KEY=VALUE, got {item!r}")
+        try:
+            overrides[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            overrides[key] = value  # a plain string, e.g. backbone.kind=resnet50
+    try:
+        apply_overrides(get_preset(args.preset), overrides)
+    except KeyError as e:
+        raise UserError(f"--set: {e.args[0]}") from e
     cfg = TrainConfig(train_json=args.train_json, train_images=args.train_images, out_dir=args.out,
                       preset=args.preset, val_json=args.val_json, val_images=args.val_images, aux_heads=heads,
+                      overrides=overrides,
                       epochs=args.epochs, iters=args.iters, batch_size=args.batch_size, lr=args.lr,
                       schedule=args.schedule, warmup_iters=args.warmup_iters, grad_accum=args.grad_accum,
                       amp=args.amp, ema_decay=args.ema, eval_every=args.eval_every,
@@ -222,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-images", required=True)
     p.add_argument("--val-json")
     p.add_argument("--val-images")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set transformer.num_decoder_layers=6 "
+                        "--set data.train_scales=(480,512); repeatable")
     p.add_argument("--aux-heads", help="comma-separated heads (atss,rcnn,retina,fcos); '' for none (K=0); "
                                        "default: the preset's")
     budget = p.add_mutually_exclusive_group()

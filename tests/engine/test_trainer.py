@@ -155,8 +155,16 @@ def test_cli_train_then_eval(data, tmp_path):
     r = run("eval", "--checkpoint", str(tmp_path / "none.pt"), "--json", vj, "--images", vi)
     assert r.returncode == 2 and "none.pt" in r.stderr
 
-    # a real (tiny) run through the Python API, then the CLI evaluates its checkpoint
-    metrics = Trainer(_cfg(data, tmp_path / "run", iters=2, val_json=vj, val_images=vi)).train()
+    r = run("train", "--train-json", tj, "--train-images", ti, "--out", str(tmp_path), "--set", "transformer.nope=1")
+    assert r.returncode == 2 and "unknown config field 'transformer.nope'" in r.stderr
+
+    # a real (tiny) run: train -> eval -> predict, all through the CLI
+    sets = [a for k, v in TINY.items() for a in ("--set", f"{k}={v!r}")]
+    r = run("train", "--aux-heads", "atss", "--train-json", tj, "--train-images", ti, "--val-json", vj,
+            "--val-images", vi, "--iters", "2", "--batch-size", "2", "--workers", "0", "--eval-every", "0",
+            "--out", str(tmp_path / "run"), *sets)
+    assert r.returncode == 0, r.stderr
+    metrics = json.loads(r.stdout.strip().splitlines()[-1])
     assert set(metrics) >= {"AP", "AP50"}
     r = run("eval", "--checkpoint", str(tmp_path / "run" / "last.pt"), "--json", vj, "--images", vi,
             "--results", str(tmp_path / "res.json"))
