@@ -102,18 +102,11 @@ def test_resume_keeps_the_earlier_epochs(data, run, tmp_path):
     assert cb.assignments[2] == run["callback"].assignments[2]
 
 
-def test_cli_train_records_instability(data, tmp_path, capsys, monkeypatch):
+def test_cli_train_records_instability(data, tmp_path, capsys):
     args = ["train", "--train-json", str(data["train"]["ann_file"]), "--train-images",
             str(data["train"]["images_dir"]), "--out", str(tmp_path), "--epochs", "1", "--batch-size", "2",
-            "--workers", "0", "--eval-every", "0", "--aux-heads", "", "--record-instability", "2"]
-    # the CLI has no option for the model's sizes: give its TrainConfig the tiny overrides
-    import codetr.engine as engine
-
-    class TinyConfig(TrainConfig):
-        def __init__(self, **kw):
-            super().__init__(**kw, overrides=dict(TINY))
-
-    monkeypatch.setattr(engine, "TrainConfig", TinyConfig)
+            "--workers", "0", "--eval-every", "0", "--aux-heads", "",
+            *[a for k, v in TINY.items() for a in ("--set", f"{k}={v!r}")], "--record-instability", "2"]
     assert main(args) == 0
     with open(tmp_path / "instability.csv") as f:
         assert [r["epoch"] for r in csv.DictReader(f)] == ["1"]
