@@ -15,6 +15,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_json  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 BCCD = ROOT.parent / "shared" / "data" / "bccd"
 VARIANTS = {"k0": "", "k1": "atss", "k2": "atss,rcnn"}
@@ -61,10 +64,8 @@ def main() -> None:
         print(f"{r['K']:>2} {r['aux_heads']:<10} " + " ".join(fmt(r[k]) for k in ("AP", "AP50", "AP75", "APs", "APm",
                                                                               "APl")) + f" {r['s_per_iter']:7.2f}")
         print("   per class AP:", {k: round(100 * v, 1) for k, v in r["per_class"].items()})
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"dataset": "BCCD train (205 images) -> val (87 images)",
-                               "preset": "co_deformable_detr_lite0", "note": args.note, "rows": rows}, indent=2))
+    write_json(args.out, {"dataset": "BCCD train (205 images) -> val (87 images)",
+                          "preset": "co_deformable_detr_lite0", "note": args.note, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -212,10 +212,9 @@ def build_model(cfg: Union[str, DetectorConfig], num_classes: int, aux_heads: Op
     if co.aux_heads:
         # The encoder's levels are strides 8.. x2 (one stride-32 level for single-scale).
         J = co.num_adapter_levels
-        if t.num_levels == 1:
-            adapter, strides = SingleScaleAdapter(t.d_model, J, in_index=2), [8 * 2 ** j for j in range(J)]
-        else:
-            adapter, strides = MultiScaleAdapter(t.d_model, t.num_levels, J), [8 * 2 ** j for j in range(J)]
+        adapter = (SingleScaleAdapter(t.d_model, J, in_index=2) if t.num_levels == 1
+                   else MultiScaleAdapter(t.d_model, t.num_levels, J))
+        strides = [8 * 2 ** j for j in range(J)]
         heads = {name: build_aux_head(name, num_classes, t.d_model, strides) for name in co.aux_heads}
     model = CoDETR(backbone, neck, encoder, decoder, num_classes, num_queries=cfg.num_queries, criterion=criterion,
                    num_levels=t.num_levels, proposal_size=cfg.proposal_size, num_detections=cfg.num_detections,

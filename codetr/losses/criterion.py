@@ -93,13 +93,20 @@ class SetCriterion(nn.Module):
         return {"loss_cls": self.weight_cls * loss_cls, "loss_bbox": self.weight_bbox * loss_bbox,
                 "loss_giou": self.weight_giou * loss_giou}
 
+    def decoder_layers(self, outputs: dict, targets: list[dict], num_boxes: float,
+                       indices=None) -> dict[str, torch.Tensor]:
+        """``single`` on the last layer ("loss_*") and on each earlier one ("d{i}.loss_*");
+        fixed ``indices`` (Co-DETR's positive queries) replace the matching on every layer."""
+        losses = self.single(outputs, targets, num_boxes, indices)
+        for i, aux in enumerate(outputs.get("aux_outputs", [])):
+            losses.update({f"d{i}.{k}": v for k, v in self.single(aux, targets, num_boxes, indices).items()})
+        return losses
+
     def forward(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
         n = self.num_boxes_override
         if n is None:
             n = self.num_boxes(targets, outputs["pred_logits"].device)
-        losses = self.single(outputs, targets, n)
-        for i, aux in enumerate(outputs.get("aux_outputs", [])):
-            losses.update({f"d{i}.{k}": v for k, v in self.single(aux, targets, n).items()})
+        losses = self.decoder_layers(outputs, targets, n)
         if "enc_outputs" in outputs:
             agnostic = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
             losses.update({f"enc.{k}": v for k, v in self.single(outputs["enc_outputs"], agnostic, n).items()})

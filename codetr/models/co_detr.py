@@ -132,12 +132,6 @@ class CoDETR(DeformableDETRPP):
             losses.update({f"aux.{name}.{k}": v * self.lambda1 for k, v in group_losses.items()})
         return losses
 
-    def _target_sizes(self, targets: list[dict], masks: torch.Tensor) -> torch.Tensor:
-        """[B, 2] (h, w) of the unpadded images (the targets' "size" when given)."""
-        sizes = self._image_sizes(masks)
-        return torch.stack([torch.as_tensor(t["size"], device=masks.device) if "size" in t else s
-                            for t, s in zip(targets, sizes)]).long()
-
     # ------------------------------------------------------------ positive queries
 
     def make_group(self, positives: AuxPositives, image_sizes: torch.Tensor):
@@ -185,10 +179,7 @@ class CoDETR(DeformableDETRPP):
         indices = [(torch.arange(len(t["labels"])), torch.arange(len(t["labels"]))) for t in targets]
         n = reduce_mean(torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=boxes.device))
         n = max(float(n), 1.0)
-        losses = self.criterion.single(out, targets, n, indices)
-        for i, layer in enumerate(out["aux_outputs"]):
-            losses.update({f"d{i}.{k}": v for k, v in self.criterion.single(layer, targets, n, indices).items()})
-        return losses
+        return self.criterion.decoder_layers(out, targets, n, indices)
 
     @torch.no_grad()
     def _predict_with_head(self, name, images, masks, targets, orig_sizes) -> list[dict]:

@@ -178,12 +178,16 @@ class DeformableDETRPP(nn.Module):
         """[B, 2] (h, w) of the unpadded images."""
         return torch.stack(((~masks[:, :, 0]).sum(1), (~masks[:, 0, :]).sum(1)), -1)
 
+    def _target_sizes(self, targets: list[dict], masks: torch.Tensor) -> torch.Tensor:
+        """[B, 2] (h, w) of the unpadded images (the targets' "size" when given)."""
+        sizes = self._image_sizes(masks)
+        return torch.stack([torch.as_tensor(t["size"], device=masks.device) if "size" in t else s
+                            for t, s in zip(targets, sizes)]).long()
+
     def normalise_targets(self, targets: list[dict], masks: torch.Tensor) -> list[dict]:
         """xyxy pixels -> cxcywh relative to the unpadded image (the decoder's frame)."""
-        sizes = self._image_sizes(masks)
         out = []
-        for t, s in zip(targets, sizes):
-            h, w = (t["size"] if "size" in t else s).tolist()
+        for t, (h, w) in zip(targets, self._target_sizes(targets, masks).tolist()):
             scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=masks.device)
             boxes = box_xyxy_to_cxcywh(t["boxes"].to(masks.device).float()) / scale
             out.append({"labels": t["labels"].to(masks.device), "boxes": boxes})
