@@ -80,6 +80,8 @@ class CoDETRConfig:
     min_group_size: int = 9
     max_group_size: int = 300
     head_embed: Literal["vector", "scalar"] = "vector"
+    # Per-head constructor options over the paper defaults, e.g. {"rcnn": {"fc_channels": 512}}.
+    head_options: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -116,6 +118,11 @@ PRESETS: dict[str, DetectorConfig] = {
 for _name in ("r50", "lite0"):
     PRESETS[f"co_deformable_detr_{_name}"] = copy.deepcopy(PRESETS[f"deformable_detr_pp_{_name}"])
     PRESETS[f"co_deformable_detr_{_name}"].co.aux_heads = ("atss", "rcnn")
+# CPU deviation: the R-CNN head's two shared FCs are 512 wide, not 1024. At 2 x 512 sampled
+# RoIs the first FC (12544 -> 1024) alone took ~0.65 s of a 5.5 s step on 2 cores; 512 keeps
+# the paper's sampling (and so its positive queries) and puts K = 2 under 1.6x the baseline
+# step (benchmarks/bench_train_step.py).
+PRESETS["co_deformable_detr_lite0"].co.head_options = {"rcnn": {"fc_channels": 512}}
 
 #: aux head name -> "module:class" under codetr.models.heads (imported on use).
 AUX_HEAD_CLASSES = {"atss": "atss:ATSSHead", "rcnn": "rcnn:RCNNHead", "retina": "retina:RetinaHead",
@@ -199,6 +206,9 @@ def build_model(cfg: Union[str, DetectorConfig], num_classes: int, aux_heads: Op
         if value is not None:
             setattr(cfg.co, key, tuple(value) if key == "aux_heads" else value)
     t, lc, co = cfg.transformer, cfg.loss, cfg.co
+    if set(co.head_options) - set(AUX_HEAD_CLASSES):
+        raise ValueError(f"co.head_options: unknown heads {sorted(set(co.head_options) - set(AUX_HEAD_CLASSES))}; "
+                         f"expected some of {sorted(AUX_HEAD_CLASSES)}")
     backbone = build_backbone(cfg.backbone)
     neck = ChannelMapper(backbone.out_channels, t.d_model, num_extra=t.num_levels - len(backbone.out_channels))
     kw = dict(d_model=t.d_model, dim_ff=t.dim_feedforward, n_levels=t.num_levels, n_heads=t.n_heads,
@@ -215,7 +225,8 @@ def build_model(cfg: Union[str, DetectorConfig], num_classes: int, aux_heads: Op
         adapter = (SingleScaleAdapter(t.d_model, J, in_index=2) if t.num_levels == 1
                    else MultiScaleAdapter(t.d_model, t.num_levels, J))
         strides = [8 * 2 ** j for j in range(J)]
-        heads = {name: build_aux_head(name, num_classes, t.d_model, strides) for name in co.aux_heads}
+        heads = {name: build_aux_head(name, num_classes, t.d_model, strides, **co.head_options.get(name, {}))
+                 for name in co.aux_heads}
     model = CoDETR(backbone, neck, encoder, decoder, num_classes, num_queries=cfg.num_queries, criterion=criterion,
                    num_levels=t.num_levels, proposal_size=cfg.proposal_size, num_detections=cfg.num_detections,
                    aux_heads=heads, adapter=adapter, lambda1=co.lambda1, lambda2=co.lambda2,
@@ -229,11 +240,16 @@ def build_aux_head(name: str, num_classes: int, in_channels: int = 256, strides:
     """The auxiliary head ``name`` (a key of AUX_HEAD_CLASSES) with its paper defaults;
     ``options`` go to the head's constructor."""
     import importlib
+    import inspect
 
     if name not in AUX_HEAD_CLASSES:
         raise ValueError(f"aux_heads: unknown head {name!r}; expected some of {sorted(AUX_HEAD_CLASSES)}")
     module, cls = AUX_HEAD_CLASSES[name].split(":")
     head_cls = getattr(importlib.import_module(f"codetr.models.heads.{module}"), cls)
+    accepted = set(inspect.signature(head_cls).parameters) - {"num_classes", "in_channels", "strides"}
+    if set(options) - accepted:
+        raise ValueError(f"head_options[{name!r}]: unknown options {sorted(set(options) - accepted)}; "
+                         f"{cls} accepts {sorted(accepted)}")
     return head_cls(num_classes, in_channels=in_channels, strides=tuple(strides), **options)
 
 

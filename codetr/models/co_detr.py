@@ -116,6 +116,8 @@ class CoDETR(DeformableDETRPP):
         if targets is None or self.criterion is None:
             raise ValueError("training needs targets and a criterion")
         enc = self.encode(images, masks)
+        if self.aux_heads:  # every query group attends to the same memory: project it once
+            enc["memory_values"] = self.decoder.project_memory(enc["memory"], enc["padding_mask"])
         query, ref, enc_outputs = self.select_queries(enc)
         outputs = {**self.decode(query, ref, enc), "enc_outputs": enc_outputs}
         norm_targets = self.normalise_targets(targets, masks)

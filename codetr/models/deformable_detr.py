@@ -141,7 +141,7 @@ class DeformableDETRPP(nn.Module):
         earlier layers}."""
         hidden, boxes = self.decoder(query, reference_boxes, enc["memory"], enc["spatial_shapes"],
                                      enc["level_start_index"], enc["valid_ratios"], enc["padding_mask"],
-                                     self_attn_mask, query_pos)
+                                     self_attn_mask, query_pos, enc.get("memory_values"))
         layers = [{"pred_logits": head(h), "pred_boxes": b} for head, h, b in zip(self.class_heads, hidden, boxes)]
         return {**layers[-1], "aux_outputs": layers[:-1]}
 

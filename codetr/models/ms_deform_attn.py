@@ -50,6 +50,13 @@ class MSDeformAttn(nn.Module):
         nn.init.xavier_uniform_(self.output_proj.weight)
         nn.init.constant_(self.output_proj.bias, 0.0)
 
+    def project_value(self, value: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """value [N, S, C] -> [N, S, M, C/M]: the value projection, zero at padding."""
+        v = self.value_proj(value)
+        if padding_mask is not None:
+            v = v.masked_fill(padding_mask[..., None], 0.0)
+        return v.view(*value.shape[:2], self.n_heads, self.d_model // self.n_heads)
+
     def forward(
         self,
         query: torch.Tensor,
@@ -64,7 +71,9 @@ class MSDeformAttn(nn.Module):
             query: [N, Q, C].
             reference_points: [N, Q, L, 2] normalised (x, y) in [0, 1], or [N, Q, L, 4]
                 boxes (cx, cy, w, h): offsets are then scaled by half the box size.
-            value: [N, S, C], the flattened multi-level feature maps.
+            value: [N, S, C], the flattened multi-level feature maps, or their projection
+                [N, S, M, C/M] from ``project_value`` (reused when several query sets attend
+                to the same memory, e.g. Co-DETR's query groups).
             spatial_shapes: [L, 2] int64 (H, W) of each level.
             level_start_index: [L] int64 offset of each level in S.
             padding_mask: [N, S] bool, True at padded positions (their values are zeroed).
@@ -79,10 +88,7 @@ class MSDeformAttn(nn.Module):
                 "reference_points must end in 2 (points) or 4 (boxes), got shape "
                 f"{tuple(reference_points.shape)}"
             )
-        v = self.value_proj(value)
-        if padding_mask is not None:
-            v = v.masked_fill(padding_mask[..., None], 0.0)
-        v = v.view(N, S, M, self.d_model // M)
+        v = value if value.dim() == 4 else self.project_value(value, padding_mask)
         offsets = self.sampling_offsets(query).view(N, Q, M, L, P, 2)
         weights = F.softmax(self.attention_weights(query).view(N, Q, M, L * P), -1)
         weights = weights.view(N, Q, M, L, P)

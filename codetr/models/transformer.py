@@ -143,6 +143,10 @@ class DeformableDecoder(nn.Module):
             nn.init.zeros_(head.layers[-1].weight)
             nn.init.zeros_(head.layers[-1].bias)
 
+    def project_memory(self, memory: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
+        """memory [B, S, C] -> each layer's cross-attention values [B, S, M, C/M]."""
+        return [layer.cross_attn.project_value(memory, padding_mask) for layer in self.layers]
+
     def forward(
         self,
         query: torch.Tensor,
@@ -154,6 +158,7 @@ class DeformableDecoder(nn.Module):
         memory_padding_mask: Optional[torch.Tensor] = None,
         self_attn_mask: Optional[torch.Tensor] = None,
         query_pos: Optional[torch.Tensor] = None,
+        memory_values: Optional[list[torch.Tensor]] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """
         Args:
@@ -167,6 +172,8 @@ class DeformableDecoder(nn.Module):
                 for query groups that must not see each other.
             query_pos: optional [B, Q, C] added to every layer's box-derived query position
                 (Co-DETR's positive queries carry the position half of their box embedding).
+            memory_values: optional ``project_memory(memory, memory_padding_mask)``, computed
+                once when several query groups attend to the same memory.
         Returns:
             hidden: [num_layers, B, Q, C] every layer's output queries.
             boxes: [num_layers, B, Q, 4] every layer's predicted boxes (cx, cy, w, h) in [0, 1].
@@ -183,7 +190,8 @@ class DeformableDecoder(nn.Module):
             ref_input = ref[:, :, None] * vr  # boxes in each level's padded frame
             pos = self.ref_point_head(coord_sine_embed(ref, self.d_model // 2))
             pos = pos if query_pos is None else pos + query_pos
-            out = layer(out, pos, ref_input, memory, spatial_shapes, level_start_index,
+            value = memory if memory_values is None else memory_values[i]
+            out = layer(out, pos, ref_input, value, spatial_shapes, level_start_index,
                         memory_padding_mask, self_attn_mask)
             delta = self.bbox_heads[i](out)
             # Same value as `refined`, but the gradient also reaches layer i-1's box head.

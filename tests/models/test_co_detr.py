@@ -184,3 +184,15 @@ def test_eval_head_diagnostic_scales_boxes_to_the_original_image():
 def test_unknown_head_is_a_clear_error():
     with pytest.raises(ValueError, match="aux_heads: unknown head 'yolo'"):
         _model(("yolo",))
+
+
+def test_head_options_reach_the_head_and_are_checked():
+    assert _model(("rcnn",)).aux_heads["rcnn"].shared_fcs[0].out_features == 1024  # the paper's
+    model = _model(("rcnn",), **{"co.head_options": {"rcnn": {"fc_channels": 48}}})
+    assert model.aux_heads["rcnn"].shared_fcs[0].out_features == 48
+    lite = build_model("co_deformable_detr_lite0", C, **{"backbone.pretrained": False})
+    assert lite.aux_heads["rcnn"].shared_fcs[1].out_features == 512  # the CPU preset's deviation
+    with pytest.raises(ValueError, match=r"head_options\['rcnn'\]: unknown options \['fc_width'\]"):
+        _model(("rcnn",), **{"co.head_options": {"rcnn": {"fc_width": 48}}})
+    with pytest.raises(ValueError, match="co.head_options: unknown heads \\['yolo'\\]"):
+        _model(("rcnn",), **{"co.head_options": {"yolo": {}}})

@@ -62,6 +62,15 @@ def test_decoder_runs_extra_query_groups():
     first, _ = dec(q[:, :3], boxes[:, :3], memory, shapes, start, vr)
     second, _ = dec(q[:, 3:], boxes[:, 3:], memory, shapes, start, vr)
     torch.testing.assert_close(joint, torch.cat((first, second), 2), atol=1e-5, rtol=1e-5)
+    # the memory projected once (shared by the groups) gives the same outputs and gradients
+    memory.requires_grad_(True)
+    values = dec.project_memory(memory)
+    assert len(values) == 2 and values[0].shape == (1, 80, 4, 8)
+    shared, _ = dec(q, boxes, memory, shapes, start, vr, memory_values=values)
+    torch.testing.assert_close(shared, hidden, rtol=0, atol=0)
+    g_shared, = torch.autograd.grad(shared.sum(), memory)
+    g_plain, = torch.autograd.grad(dec(q, boxes, memory, shapes, start, vr)[0].sum(), memory)
+    torch.testing.assert_close(g_shared, g_plain)
 
 
 def test_look_forward_twice_gradient_path():
