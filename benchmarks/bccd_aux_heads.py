@@ -3,8 +3,12 @@
 evaluated on the val split. Each run is the CLI command printed below; this script runs
 them one after another (or, with --collect, only reads finished runs) and writes the table.
 
-    python benchmarks/bccd_aux_heads.py [--iters 300] [--runs runs/bccd] [--collect]
-        [--out benchmarks/results/bccd_aux_heads.json]
+    python benchmarks/bccd_aux_heads.py [--epochs 6 | --iters 300] [--variants k0,k1,k2]
+        [--record-instability 50] [--runs runs] [--collect] [--out benchmarks/results/bccd_aux_heads.json]
+
+--print-commands prints the runs' commands (to run them in parallel by hand, one thread each),
+then --collect writes the table from their logs. --record-instability N makes each run record
+the matching instability on N training images per epoch (issue 7's curves).
 """
 from __future__ import annotations
 
@@ -23,11 +27,11 @@ BCCD = ROOT.parent / "shared" / "data" / "bccd"
 VARIANTS = {"k0": "", "k1": "atss", "k2": "atss,rcnn"}
 
 
-def command(name: str, heads: str, iters: int, runs: Path) -> list[str]:
+def command(name: str, heads: str, budget: list[str], runs: Path) -> list[str]:
     return ["codetr", "train", "--preset", "co_deformable_detr_lite0", "--aux-heads", heads,
             "--train-json", str(BCCD / "train.json"), "--train-images", str(BCCD / "images"),
             "--val-json", str(BCCD / "val.json"), "--val-images", str(BCCD / "images"),
-            "--iters", str(iters), "--eval-every", "0", "--workers", "1", "--out", str(runs / f"bccd_{name}")]
+            *budget, "--eval-every", "0", "--workers", "1", "--out", str(runs / f"bccd_{name}")]
 
 
 def collect(name: str, heads: str, run: Path, cmd: list[str]) -> dict:
@@ -44,20 +48,36 @@ def collect(name: str, heads: str, run: Path, cmd: list[str]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--iters", type=int, default=300)
+    budget = ap.add_mutually_exclusive_group()
+    budget.add_argument("--iters", type=int, default=300)
+    budget.add_argument("--epochs", type=int)
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"some of {','.join(VARIANTS)}")
+    ap.add_argument("--record-instability", type=int, default=0, metavar="N")
+    ap.add_argument("--print-commands", action="store_true")
     ap.add_argument("--runs", default=str(ROOT / "runs"))
     ap.add_argument("--collect", action="store_true", help="only read finished runs")
     ap.add_argument("--note", default="", help="free text stored with the results (e.g. machine load)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bccd_aux_heads.json"))
     args = ap.parse_args()
     runs = Path(args.runs)
+    budget = ["--epochs", str(args.epochs)] if args.epochs else ["--iters", str(args.iters)]
+    budget += ["--record-instability", str(args.record_instability)] if args.record_instability else []
+    names = args.variants.split(",")
+    if set(names) - set(VARIANTS):
+        raise SystemExit(f"--variants: expected some of {','.join(VARIANTS)}, got {args.variants!r}")
     rows = []
-    for name, heads in VARIANTS.items():
-        cmd = command(name, heads, args.iters, runs)
+    for name in names:
+        heads = VARIANTS[name]
+        cmd = command(name, heads, budget, runs)
+        if args.print_commands:
+            print(shlex.join(cmd))
+            continue
         if not args.collect:
             print("$", shlex.join(cmd), flush=True)
             subprocess.run([sys.executable, "-m", "codetr", *cmd[1:]], check=True)
         rows.append(collect(name, heads, runs / f"bccd_{name}", cmd))
+    if args.print_commands:
+        return
     print(f"{'K':>2} {'heads':<10} {'AP':>5} {'AP50':>5} {'AP75':>5} {'APs':>5} {'APm':>5} {'APl':>5} {'s/iter':>7}")
     fmt = lambda v: "    -" if v < 0 else f"{100 * v:5.1f}"  # noqa: E731
     for r in rows:

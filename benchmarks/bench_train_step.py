@@ -4,19 +4,24 @@ ops and with the pure-PyTorch references; plus inference latency per image, whic
 depend on K (the auxiliary branches are dropped at evaluation).
 
 Input: the first two BCCD training images (../shared/data/bccd) through the preset's eval
-transform (short side 512 capped at 640: 480 x 640), with their ground-truth boxes. Each
-variant runs in a fresh process; the time is the median of --repeats steps after --warmup,
-the memory the peak resident set of the process over those steps (model, optimizer state,
-activations).
+transform (short side 512 capped at 640: 480 x 640), with their ground-truth boxes.
+
+Step time: one process per ops kind builds every variant and times their steps round-robin
+(K=0, K=1, K=2, K=0, ...), the median of --repeats rounds after --warmup: slow phases of a
+shared machine then hit all variants alike, so the ratios to K=0 are stable even when the
+absolute times drift (separate processes gave 1.62x and 1.81x for the same code). Memory
+and inference latency: each variant in a fresh process, the peak resident set over two
+steps (model, optimizer state, activations), the median latency of one image.
 
     python benchmarks/bench_train_step.py [--heads ",atss,atss+rcnn"] [--ops compiled,reference]
-        [--repeats 3] [--out benchmarks/results/train_step.json]
+        [--repeats 5] [--out benchmarks/results/train_step.json]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -39,11 +44,11 @@ def make_batch():
     return collate([ds[0], ds[1]], size_divisibility=32), ds.num_classes
 
 
-def probe(heads: tuple[str, ...], repeats: int, warmup: int) -> dict:
+def make_step(heads: tuple[str, ...], images, masks, targets, num_classes):
+    """(model, one training step: forward, backward, clipping, AdamW)."""
     from codetr.config import build_model, param_groups
 
     torch.manual_seed(0)
-    (images, masks, targets), num_classes = make_batch()
     model = build_model(PRESET, num_classes, aux_heads=heads).train()
     opt = torch.optim.AdamW(param_groups(model, model.config.optim), lr=1e-4, weight_decay=1e-4)
 
@@ -54,52 +59,79 @@ def probe(heads: tuple[str, ...], repeats: int, warmup: int) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
         opt.step()
 
+    return model, step
+
+
+def probe_memory(heads: tuple[str, ...], repeats: int) -> dict:
+    (images, masks, targets), num_classes = make_batch()
+    model, step = make_step(heads, images, masks, targets, num_classes)
     step()  # allocates the optimizer state, so the peak below is a steady-state step
     reset_peak_rss()
-    step_s = time_fn(step, torch.device("cpu"), repeats=repeats, warmup=warmup - 1)
+    step()
+    step()
     peak = peak_rss_mib()
     plain = model.inference_model().eval()
     with torch.no_grad():
         infer_s = time_fn(lambda: plain(images[:1], masks[:1]), torch.device("cpu"), repeats=repeats, warmup=1)
-    return {"step_s": step_s, "peak_rss_mib": peak, "infer_s_per_image": infer_s,
+    return {"peak_rss_mib": peak, "infer_s_per_image": infer_s,
             "params_train": sum(p.numel() for p in model.parameters()),
             "params_infer": sum(p.numel() for p in plain.parameters())}
+
+
+def probe_steps(variants: list[tuple[str, ...]], repeats: int, warmup: int) -> list[float]:
+    """Median step time of each variant, timed round-robin."""
+    (images, masks, targets), num_classes = make_batch()
+    steps = [make_step(heads, images, masks, targets, num_classes)[1] for heads in variants]
+    for step in steps:
+        for _ in range(warmup):
+            step()
+    times = [[] for _ in steps]
+    for _ in range(repeats):
+        for t, step in zip(times, steps):
+            t.append(time_fn(step, torch.device("cpu"), repeats=1, warmup=0))
+    return [statistics.median(t) for t in times]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--heads", default=",atss,atss+rcnn", help="comma-separated K variants, heads joined by +")
     ap.add_argument("--ops", default="compiled,reference")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_step.json"))
-    ap.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--probe-heads", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--probe", choices=("memory", "steps"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.probe:
-        heads = tuple(h for h in args.probe_heads.split("+") if h)
-        print(json.dumps(probe(heads, args.repeats, args.warmup)))
+    parse = lambda v: tuple(h for h in v.split("+") if h)  # noqa: E731
+    variants = [parse(v) for v in args.heads.split(",")]
+    if args.probe == "memory":
+        print(json.dumps(probe_memory(variants[0], args.repeats)))
+        return
+    if args.probe == "steps":
+        print(json.dumps(probe_steps(variants, args.repeats, args.warmup)))
         return
     import subprocess
 
+    def run(ops: str, probe: str, heads: str):
+        cmd = [sys.executable, __file__, "--probe", probe, "--heads", heads, "--repeats", str(args.repeats),
+               "--warmup", str(args.warmup)]
+        # (No MALLOC_MMAP_THRESHOLD_ as in the op benchmarks: mmap for every allocation
+        # doubled the step time here. The peak is the process's resident high-water mark.)
+        env = {**os.environ, "CODETR_OPS": ops, "PYTHONWARNINGS": "ignore"}
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+        return json.loads(out.strip().splitlines()[-1])
+
     rows = []
     for ops in args.ops.split(","):
-        base = None
-        for variant in args.heads.split(","):
-            cmd = [sys.executable, __file__, "--probe", "--probe-heads", variant, "--repeats", str(args.repeats),
-                   "--warmup", str(args.warmup)]
-            # (No MALLOC_MMAP_THRESHOLD_ as in the op benchmarks: mmap for every allocation
-            # doubled the step time here. The peak is the process's resident high-water mark.)
-            env = {**os.environ, "CODETR_OPS": ops, "PYTHONWARNINGS": "ignore"}
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-            r = json.loads(out.strip().splitlines()[-1])
-            heads = tuple(h for h in variant.split("+") if h)
-            r.update(ops=ops, aux_heads="+".join(heads) or "-", K=len(heads))
-            base = base or r
-            r["step_vs_k0"] = r["step_s"] / base["step_s"]
-            r["infer_vs_k0"] = r["infer_s_per_image"] / base["infer_s_per_image"]
-            rows.append(r)
+        step_s = run(ops, "steps", args.heads)
+        group = []
+        for variant, heads, t in zip(args.heads.split(","), variants, step_s):
+            r = {"ops": ops, "aux_heads": "+".join(heads) or "-", "K": len(heads), "step_s": t,
+                 **run(ops, "memory", variant)}
+            group.append(r)
+            r["step_vs_k0"] = r["step_s"] / group[0]["step_s"]
+            r["infer_vs_k0"] = r["infer_s_per_image"] / group[0]["infer_s_per_image"]
             print(json.dumps(r), flush=True)
+        rows += group
     print_table(rows, [("ops", "ops", "s"), ("K", "K", "d"), ("aux_heads", "heads", "s"),
                        ("step_s", "step s", ".2f"), ("step_vs_k0", "x K=0", ".2f"),
                        ("peak_rss_mib", "peak RSS MiB", ".0f"), ("infer_s_per_image", "infer s/img", ".3f"),

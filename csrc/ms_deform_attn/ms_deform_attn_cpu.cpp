@@ -41,6 +41,23 @@ struct Args {
 
 constexpr int64_t kBlock = 256;  // queries per work item
 
+// One query's coordinates and weights for one (head, level) are 1/(M L) of its record, so
+// consecutive queries' are a record apart (1 KiB for M=8, L=4, P=4): a stride the hardware
+// prefetcher does not follow across pages, and every query then waited on a cache miss
+// before its first sample (a fifth of the forward's time in perf). Fetch kAhead queries early.
+constexpr int64_t kAhead = 8;
+
+template <typename scalar_t>
+CODETR_ALWAYS_INLINE void prefetch_ahead(const Args<scalar_t>& a, int64_t k, int64_t left) {
+#if defined(__GNUC__)
+  if (left > kAhead) {
+    const int64_t ahead = k + kAhead * a.d.M * a.d.L * a.d.P;
+    __builtin_prefetch(a.loc + 2 * ahead);
+    __builtin_prefetch(a.attn + ahead);
+  }
+#endif
+}
+
 // Forward of one work item: (batch n, head m, block of queries); items are numbered with
 // the block fastest, so the threads sweep one head's maps at a time. Within the block,
 // level outer and query inner: consecutive queries sample near each other, so one head's
@@ -49,26 +66,37 @@ constexpr int64_t kBlock = 256;  // queries per work item
 // corner weights are computed once and applied to all D channels in a loop the compiler
 // vectorizes. Corners outside the map read the zero row with weight 0, so the channel
 // loop has no branches (and an inf elsewhere in `value` cannot leak in as 0 * inf).
+// kD > 0 fixes D at compile time (kD == d.D): the query's kD sums then live in registers
+// over its P samples instead of making a store-to-load round trip through `acc` per sample
+// (D = 32, the paper's 256 channels over 8 heads, ran ~1.6x faster so).
 // acc: [kBlock, D] scratch.
-template <typename scalar_t>
+template <typename scalar_t, int64_t kD>
 CODETR_ALWAYS_INLINE void forward_block(const Args<scalar_t>& a, int64_t item, scalar_t* out,
                                         acc_type<scalar_t>* acc) {
   using acc_t = acc_type<scalar_t>;
   const Dims& d = a.d;
-  const int64_t row = d.M * d.D;  // stride between two positions of value
+  const int64_t D = kD > 0 ? kD : d.D;
+  const int64_t row = d.M * D;  // stride between two positions of value
   const int64_t blocks = (d.Q + kBlock - 1) / kBlock;
   const int64_t n = item / (blocks * d.M);
   const int64_t m = (item / blocks) % d.M;
   const int64_t q_begin = (item % blocks) * kBlock;
   const int64_t q_end = std::min(q_begin + kBlock, d.Q);
-  const scalar_t* value_nm = a.value + n * d.S * row + m * d.D;
-  std::fill(acc, acc + (q_end - q_begin) * d.D, acc_t(0));
+  const scalar_t* value_nm = a.value + n * d.S * row + m * D;
+  std::fill(acc, acc + (q_end - q_begin) * D, acc_t(0));
   for (int64_t l = 0; l < d.L; ++l) {
     const int64_t H = a.shapes[2 * l], W = a.shapes[2 * l + 1];
     const scalar_t* level = value_nm + a.starts[l] * row;
     for (int64_t q = q_begin; q < q_end; ++q) {
-      acc_t* __restrict acc_q = acc + (q - q_begin) * d.D;
+      acc_t* __restrict acc_q = acc + (q - q_begin) * D;
+      acc_t local[kD > 0 ? kD : 1];
+      acc_t* __restrict sum = acc_q;
+      if constexpr (kD > 0) {
+        for (int64_t c = 0; c < kD; ++c) local[c] = acc_q[c];
+        sum = local;
+      }
       int64_t k = (((n * d.Q + q) * d.M + m) * d.L + l) * d.P;  // sample (n, q, m, l, 0)
+      prefetch_ahead(a, k, q_end - q);
       for (int64_t p = 0; p < d.P; ++p, ++k) {
         const Sample<acc_t> s = make_sample(a.loc[2 * k], a.loc[2 * k + 1], H, W);
         if (!s.inside) continue;
@@ -78,31 +106,36 @@ CODETR_ALWAYS_INLINE void forward_block(const Args<scalar_t>& a, int64_t item, s
         const scalar_t* __restrict r1 = s.pixel[1] >= 0 ? level + s.pixel[1] * row : a.zero;
         const scalar_t* __restrict r2 = s.pixel[2] >= 0 ? level + s.pixel[2] * row : a.zero;
         const scalar_t* __restrict r3 = s.pixel[3] >= 0 ? level + s.pixel[3] * row : a.zero;
-        for (int64_t c = 0; c < d.D; ++c) {
-          acc_q[c] += w0 * static_cast<acc_t>(r0[c]) + w1 * static_cast<acc_t>(r1[c]) +
-                      w2 * static_cast<acc_t>(r2[c]) + w3 * static_cast<acc_t>(r3[c]);
+        for (int64_t c = 0; c < D; ++c) {
+          sum[c] += w0 * static_cast<acc_t>(r0[c]) + w1 * static_cast<acc_t>(r1[c]) +
+                    w2 * static_cast<acc_t>(r2[c]) + w3 * static_cast<acc_t>(r3[c]);
         }
+      }
+      if constexpr (kD > 0) {
+        for (int64_t c = 0; c < kD; ++c) acc_q[c] = local[c];
       }
     }
   }
   for (int64_t q = q_begin; q < q_end; ++q) {
-    scalar_t* o = out + (n * d.Q + q) * row + m * d.D;
-    const acc_t* acc_q = acc + (q - q_begin) * d.D;
-    for (int64_t c = 0; c < d.D; ++c) o[c] = static_cast<scalar_t>(acc_q[c]);
+    scalar_t* o = out + (n * d.Q + q) * row + m * D;
+    const acc_t* acc_q = acc + (q - q_begin) * D;
+    for (int64_t c = 0; c < D; ++c) o[c] = static_cast<scalar_t>(acc_q[c]);
   }
 }
 
 template <typename scalar_t>
 void forward_block_baseline(const Args<scalar_t>& a, int64_t nb, scalar_t* out,
                             acc_type<scalar_t>* acc) {
-  forward_block(a, nb, out, acc);
+  if (a.d.D == 32) return forward_block<scalar_t, 32>(a, nb, out, acc);
+  forward_block<scalar_t, 0>(a, nb, out, acc);
 }
 
 #ifdef CODETR_MSDA_AVX2
 template <typename scalar_t>
 CODETR_TARGET_AVX2 void forward_block_avx2(const Args<scalar_t>& a, int64_t nb, scalar_t* out,
                                            acc_type<scalar_t>* acc) {
-  forward_block(a, nb, out, acc);
+  if (a.d.D == 32) return forward_block<scalar_t, 32>(a, nb, out, acc);
+  forward_block<scalar_t, 0>(a, nb, out, acc);
 }
 #endif
 
@@ -147,6 +180,7 @@ CODETR_ALWAYS_INLINE void backward_pair(const Args<scalar_t>& a, int64_t nm,
       for (int64_t q = q_begin; q < q_end; ++q) {
         const scalar_t* __restrict g = grad_out + (n * d.Q + q) * row + m * d.D;
         int64_t k = (((n * d.Q + q) * d.M + m) * d.L + l) * d.P;  // sample (n, q, m, l, 0)
+        prefetch_ahead(a, k, q_end - q);
         for (int64_t p = 0; p < d.P; ++p, ++k) {
           const Sample<acc_t> s = make_sample(a.loc[2 * k], a.loc[2 * k + 1], H, W);
           if (!s.inside) continue;  // grad_loc and grad_attn stay 0

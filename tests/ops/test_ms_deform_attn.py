@@ -139,10 +139,11 @@ def test_torch_compile_fullgraph(assert_compiled):
     assert value.grad is not None and value.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("D", [16, 32])  # 32: the CPU kernel's compile-time channel count
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_reduced_precision_value_with_fp32_coordinates(dtype, assert_compiled):
+def test_reduced_precision_value_with_fp32_coordinates(dtype, D, assert_compiled):
     assert_compiled(OP)
-    value, shapes, starts, loc, attn = make_inputs([(8, 9), (4, 5)], dtype=torch.float32, D=16)
+    value, shapes, starts, loc, attn = make_inputs([(8, 9), (4, 5)], dtype=torch.float32, D=D)
     value_h = value.to(dtype).requires_grad_()
     out = ms_deform_attn(value_h, shapes, starts, loc, attn)
     assert out.dtype == dtype
