@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 
 @pytest.fixture(scope="session")
@@ -10,3 +11,13 @@ def shared_data() -> Path:
     if not root.is_dir():
         pytest.skip(f"shared test data not found at {root}")
     return root
+
+
+@pytest.fixture
+def one_thread():
+    """Run single-threaded: on our shared 2-core machine, OpenMP threads spin-waiting on each
+    other made small forwards 10-30x slower than with one thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

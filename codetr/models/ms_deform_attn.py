@@ -81,7 +81,6 @@ class MSDeformAttn(nn.Module):
             [N, Q, C].
         """
         N, Q, _ = query.shape
-        S = value.shape[1]
         M, L, P = self.n_heads, self.n_levels, self.n_points
         if reference_points.shape[-1] not in (2, 4):
             raise ValueError(

@@ -9,21 +9,10 @@ import torch
 from codetr.analysis import MatchingInstability, mean_instability
 from codetr.cli import main
 from codetr.data import ensure_synthetic_dataset
-from codetr.engine import TrainConfig, Trainer
+from codetr.engine import Trainer
+from tiny_run import TINY, TINY_SETS, tiny_config
 
-TINY = {"transformer.d_model": 32, "transformer.dim_feedforward": 64, "transformer.num_encoder_layers": 1,
-        "transformer.num_decoder_layers": 2, "transformer.n_heads": 2, "transformer.n_points": 2,
-        "num_queries": 20, "num_detections": 20, "backbone.pretrained": False,
-        "data.train_scales": (64, 72), "data.max_size": 96, "data.crop_sizes": (40, 64),
-        "data.resize_before_crop": (64,)}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +22,7 @@ def data(tmp_path_factory):
 
 
 def _cfg(data, out, **kw):
-    base = dict(train_json=str(data["train"]["ann_file"]), train_images=str(data["train"]["images_dir"]),
-                out_dir=str(out), preset="co_deformable_detr_lite0", aux_heads=("atss",), overrides=dict(TINY),
-                epochs=2, batch_size=2, num_workers=0, log_every=1, eval_every=0)
-    base.update(kw)
-    return TrainConfig(**base)
+    return tiny_config(data, out, **{"epochs": 2, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +41,7 @@ def run(data, tmp_path_factory):
 
 
 def test_callback_records_one_row_per_epoch(run):
-    out, cb = run["out"], run["callback"]
+    out = run["out"]
     with open(out / "instability.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["epoch"] for r in rows] == ["1", "2"]
@@ -106,7 +91,7 @@ def test_cli_train_records_instability(data, tmp_path, capsys):
     args = ["train", "--train-json", str(data["train"]["ann_file"]), "--train-images",
             str(data["train"]["images_dir"]), "--out", str(tmp_path), "--epochs", "1", "--batch-size", "2",
             "--workers", "0", "--eval-every", "0", "--aux-heads", "",
-            *[a for k, v in TINY.items() for a in ("--set", f"{k}={v!r}")], "--record-instability", "2"]
+            *TINY_SETS, "--record-instability", "2"]
     assert main(args) == 0
     with open(tmp_path / "instability.csv") as f:
         assert [r["epoch"] for r in csv.DictReader(f)] == ["1"]

@@ -12,28 +12,17 @@ import pytest
 import torch
 
 from codetr.data import ensure_synthetic_dataset
-from codetr.engine import TrainConfig, Trainer, load_checkpoint, save_checkpoint
+from codetr.engine import Trainer, load_checkpoint, save_checkpoint
 from codetr.engine.data import EpochBatchSampler
+from tiny_run import TINY, TINY_SETS, tiny_config
 
-# d_model 64: GroupNorm(32) keeps 2 channels per group, so that it can normalise the 1 x 1
-# maps (strides 64 and 128) of these 64-pixel images in training.
-TINY = {"transformer.d_model": 64, "transformer.dim_feedforward": 64, "transformer.num_encoder_layers": 1,
-        "transformer.num_decoder_layers": 2, "transformer.n_heads": 2, "transformer.n_points": 2,
-        "num_queries": 20, "num_detections": 20, "backbone.pretrained": False,
-        "data.train_scales": (64, 72), "data.max_size": 96, "data.crop_sizes": (40, 64),
-        "data.resize_before_crop": (64,)}
 # For comparing runs that split the same images differently into batches and processes:
 # every (64 x 64) training image stays 64 x 64 (no rescale, the crop takes it whole), so no
 # batch is padded; no gradient clipping, which would hide a wrong scale of a step's gradient.
 EXACT = {**TINY, "data.train_scales": (64,), "data.crop_sizes": (64, 64), "optim.grad_clip": 0.0}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +32,7 @@ def data(tmp_path_factory):
 
 
 def _cfg(data, out, **kw):
-    base = dict(train_json=str(data["train"]["ann_file"]), train_images=str(data["train"]["images_dir"]),
-                out_dir=str(out), preset="co_deformable_detr_lite0", aux_heads=("atss",), overrides=dict(TINY),
-                iters=6, batch_size=2, num_workers=0, log_every=1, eval_every=0, checkpoint_every=2)
-    base.update(kw)
-    return TrainConfig(**base)
+    return tiny_config(data, out, **{"iters": 6, "checkpoint_every": 2, **kw})
 
 
 def _losses(out):
@@ -159,10 +144,9 @@ def test_cli_train_then_eval(data, tmp_path):
     assert r.returncode == 2 and "unknown config field 'transformer.nope'" in r.stderr
 
     # a real (tiny) run: train -> eval -> predict, all through the CLI
-    sets = [a for k, v in TINY.items() for a in ("--set", f"{k}={v!r}")]
     r = run("train", "--aux-heads", "atss", "--train-json", tj, "--train-images", ti, "--val-json", vj,
             "--val-images", vi, "--iters", "2", "--batch-size", "2", "--workers", "0", "--eval-every", "0",
-            "--out", str(tmp_path / "run"), *sets)
+            "--out", str(tmp_path / "run"), *TINY_SETS)
     assert r.returncode == 0, r.stderr
     metrics = json.loads(r.stdout.strip().splitlines()[-1])
     assert set(metrics) >= {"AP", "AP50"}

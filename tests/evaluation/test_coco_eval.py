@@ -8,7 +8,6 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from codetr.data import CocoDetection
 from codetr.evaluation import CocoEvaluator
 
 KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")

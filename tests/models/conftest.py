@@ -1,12 +1,6 @@
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Model tests run single-threaded: on our shared 2-core machine, OpenMP threads
-    spin-waiting on each other made small forwards 10-30x slower than with one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _single_threaded(one_thread):
     yield
-    torch.set_num_threads(n)

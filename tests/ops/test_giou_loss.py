@@ -5,7 +5,7 @@ import torch
 import torchvision
 
 import codetr
-from codetr.ops import generalized_box_iou_loss, generalized_box_iou_loss_reference
+from codetr.ops import generalized_box_iou_loss
 
 OP = "generalized_box_iou_loss"
 tv_loss = torchvision.ops.generalized_box_iou_loss

@@ -12,7 +12,7 @@ import torchvision
 
 import codetr
 from codetr.ops import (
-    MultiScaleRoIAlign, map_roi_levels, roi_align, roi_align_reference, set_ops_mode,
+    MultiScaleRoIAlign, map_roi_levels, roi_align, set_ops_mode,
 )
 
 OP = "roi_align"
@@ -118,7 +118,6 @@ def test_many_samples_per_bin_and_chunks(compiled):
 
 def test_backward_deterministic_across_threads(compiled, at_thread_counts):
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 40, 23, 31, generator=g)
     rois = make_rois(g, 64, 2, 23 * 4, 31 * 4)
     grad_out = torch.randn(64, 40, 7, 7, generator=g)
     results = at_thread_counts(lambda: torch.ops.codetr.roi_align_backward(
