@@ -265,11 +265,35 @@ void backward_kernel(const Args<scalar_t>& a, const scalar_t* grad_out,
       });
 }
 
-// value [N, S, M, D] -> [N, M, S, D] contiguous. Each head's maps are then contiguous (a
-// position every D elements instead of every M * D): the few rows of one level that a block
-// of queries samples span 8x fewer cache lines' neighbours and pages (M = 8), and the
-// forward ran ~1.9x faster single-threaded on case A for a copy of value that costs a few %.
-at::Tensor head_major(const at::Tensor& value) { return value.permute({0, 2, 1, 3}).contiguous(); }
+// src [N, A, B, D] -> dst [N, B, A, D], cast to dst_t; in parallel over (n, a). (Written
+// out because permute().contiguous() took ~4x longer on these shapes.)
+template <typename src_t, typename dst_t>
+void swap_axes(const src_t* src, dst_t* dst, int64_t N, int64_t A, int64_t B, int64_t D) {
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, B * D));
+  at::parallel_for(0, N * A, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const src_t* from = src + i * B * D;
+      dst_t* to = dst + ((i / A) * B * A + i % A) * D;
+      for (int64_t b = 0; b < B; ++b, from += D, to += A * D)
+        for (int64_t c = 0; c < D; ++c) to[c] = static_cast<dst_t>(from[c]);
+    }
+  });
+}
+
+// value [N, S, M, D] -> [N, M, S, D] contiguous (a view when value is one already). Each
+// head's maps are then contiguous (a position every D elements instead of every M * D): the
+// few rows of one level that a block of queries samples span M times fewer pages and their
+// neighbouring cache lines are the next positions; single-threaded, case A's forward ran
+// ~1.9x faster so.
+template <typename scalar_t>
+at::Tensor head_major(const at::Tensor& value, const Dims& d) {
+  auto view = value.permute({0, 2, 1, 3});
+  if (view.is_contiguous()) return view;
+  auto out = at::empty({d.N, d.M, d.S, d.D}, value.options());
+  const auto src = value.contiguous();
+  swap_axes(src.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), d.N, d.S, d.M, d.D);
+  return out;
+}
 
 at::Tensor ms_deform_attn_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
                               const at::Tensor& level_start_index,
@@ -280,12 +304,12 @@ at::Tensor ms_deform_attn_cpu(const at::Tensor& value, const at::Tensor& spatial
   auto out = at::empty({d.N, d.Q, d.M * d.D}, value.options());
   if (out.numel() == 0) return out;
   if (d.S == 0 || d.L == 0 || d.P == 0) return out.zero_();
-  const auto v = head_major(value);
   const auto shapes = spatial_shapes.contiguous();
   const auto starts = level_start_index.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(),
                                   "ms_deform_attn_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
+    const auto v = head_major<scalar_t>(value, d);
     const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
     const auto loc = sampling_locations.to(acc_dtype).contiguous();
     const auto attn = attention_weights.to(acc_dtype).contiguous();
@@ -319,12 +343,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   auto grad_loc = at::empty_like(sampling_locations, contiguous);
   auto grad_attn = at::empty_like(attention_weights, contiguous);
   const auto g = grad_output.contiguous();
-  const auto v = head_major(value);
   const auto shapes = spatial_shapes.contiguous();
   const auto starts = level_start_index.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(),
                                   "ms_deform_attn_backward_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
+    const auto v = head_major<scalar_t>(value, d);
     const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
     const auto loc = sampling_locations.to(acc_dtype).contiguous();
     const auto attn = attention_weights.to(acc_dtype).contiguous();
@@ -343,7 +367,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
                               zero.data()};
     backward_kernel<scalar_t>(args, g.data_ptr<scalar_t>(), grad_value_acc.data_ptr<acc_t>(),
                               grad_loc_acc.data_ptr<acc_t>(), grad_attn_acc.data_ptr<acc_t>());
-    grad_value.copy_(grad_value_acc.permute({0, 2, 1, 3}));
+    swap_axes(grad_value_acc.data_ptr<acc_t>(), grad_value.data_ptr<scalar_t>(), d.N, d.M, d.S, d.D);
     if (!grad_loc_acc.is_same(grad_loc)) grad_loc.copy_(grad_loc_acc);
     if (!grad_attn_acc.is_same(grad_attn)) grad_attn.copy_(grad_attn_acc);
   });

@@ -86,6 +86,16 @@ def test_non_contiguous_inputs(assert_compiled):
         ms_deform_attn_reference(value, shapes, starts, loc, attn),
         rtol=1e-10, atol=1e-10,
     )
+    # value as a view of a head-major [N, M, S, D] tensor (the CPU kernel's own layout, which
+    # it then reads without a copy), forward and backward
+    value_hm = value.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3).requires_grad_()
+    value_ref = value.clone().requires_grad_()
+    out = ms_deform_attn(value_hm, shapes, starts, loc, attn)
+    ref = ms_deform_attn_reference(value_ref, shapes, starts, loc, attn)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    grad = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, value_hm, grad)[0],
+                               torch.autograd.grad(ref, value_ref, grad)[0], rtol=1e-10, atol=1e-10)
 
 
 def test_analytic_value_at_pixel_centres():
