@@ -339,7 +339,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     return {at::zeros_like(value, contiguous), at::zeros_like(sampling_locations, contiguous),
             at::zeros_like(attention_weights, contiguous)};
   // The kernel writes every element of grad_loc and grad_attn: no zero-fill needed.
-  auto grad_value = at::empty_like(value, contiguous);
+  at::Tensor grad_value;
   auto grad_loc = at::empty_like(sampling_locations, contiguous);
   auto grad_attn = at::empty_like(attention_weights, contiguous);
   const auto g = grad_output.contiguous();
@@ -348,7 +348,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(),
                                   "ms_deform_attn_backward_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
-    const auto v = head_major<scalar_t>(value, d);
+    auto v = head_major<scalar_t>(value, d);
     const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
     const auto loc = sampling_locations.to(acc_dtype).contiguous();
     const auto attn = attention_weights.to(acc_dtype).contiguous();
@@ -367,6 +367,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
                               zero.data()};
     backward_kernel<scalar_t>(args, g.data_ptr<scalar_t>(), grad_value_acc.data_ptr<acc_t>(),
                               grad_loc_acc.data_ptr<acc_t>(), grad_attn_acc.data_ptr<acc_t>());
+    v = at::Tensor();  // a copy of value (unless it was head-major): free it before grad_value
+    grad_value = at::empty_like(value, contiguous);
     swap_axes(grad_value_acc.data_ptr<acc_t>(), grad_value.data_ptr<scalar_t>(), d.N, d.M, d.S, d.D);
     if (!grad_loc_acc.is_same(grad_loc)) grad_loc.copy_(grad_loc_acc);
     if (!grad_attn_acc.is_same(grad_attn)) grad_attn.copy_(grad_attn_acc);
