@@ -4,7 +4,10 @@ evaluated on the val split. Each run is the CLI command printed below; this scri
 them one after another (or, with --collect, only reads finished runs) and writes the table.
 
     python benchmarks/bccd_aux_heads.py [--epochs 6 | --iters 300] [--variants k0,k1,k2]
-        [--record-instability 50] [--runs runs] [--collect] [--out benchmarks/results/bccd_aux_heads.json]
+        [--record-instability 50] [--runs runs] [--collect] [--out PATH]
+
+The table goes to --out, by default benchmarks/results/bccd_aux_heads_<budget>.json (e.g.
+bccd_aux_heads_5epochs.json).
 
 --print-commands prints the runs' commands (to run them in parallel by hand, one thread each),
 then --collect writes the table from their logs. --record-instability N makes each run record
@@ -57,10 +60,11 @@ def main() -> None:
     ap.add_argument("--runs", default=str(ROOT / "runs"))
     ap.add_argument("--collect", action="store_true", help="only read finished runs")
     ap.add_argument("--note", default="", help="free text stored with the results (e.g. machine load)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bccd_aux_heads.json"))
+    ap.add_argument("--out", help="default: benchmarks/results/bccd_aux_heads_<budget>.json")
     args = ap.parse_args()
     runs = Path(args.runs)
     budget = ["--epochs", str(args.epochs)] if args.epochs else ["--iters", str(args.iters)]
+    out = args.out or ROOT / "benchmarks" / "results" / f"bccd_aux_heads_{budget[1]}{budget[0][2:]}.json"
     budget += ["--record-instability", str(args.record_instability)] if args.record_instability else []
     names = args.variants.split(",")
     if set(names) - set(VARIANTS):
@@ -84,7 +88,7 @@ def main() -> None:
         print(f"{r['K']:>2} {r['aux_heads']:<10} " + " ".join(fmt(r[k]) for k in ("AP", "AP50", "AP75", "APs", "APm",
                                                                               "APl")) + f" {r['s_per_iter']:7.2f}")
         print("   per class AP:", {k: round(100 * v, 1) for k, v in r["per_class"].items()})
-    write_json(args.out, {"dataset": "BCCD train (205 images) -> val (87 images)",
+    write_json(out, {"dataset": "BCCD train (205 images) -> val (87 images)",
                           "preset": "co_deformable_detr_lite0", "note": args.note, "rows": rows})
 
 
