@@ -31,7 +31,8 @@ template <typename scalar_t>
 struct Args {
   using acc_t = acc_type<scalar_t>;
   Dims d;
-  const scalar_t* value;  // [N, M, S, D]: head-major, see ms_deform_attn_cpu
+  const scalar_t* value;  // [N, S, M, D] with strides sn, ss, sm and 1 (see kernel_value)
+  int64_t sn, ss, sm;     // element strides of value (and of the grad_value accumulator)
   const int64_t* shapes;  // [L, 2]
   const int64_t* starts;  // [L]
   const acc_t* loc;       // [N, Q, M, L, P, 2]
@@ -82,11 +83,11 @@ CODETR_ALWAYS_INLINE void forward_block(const Args<scalar_t>& a, int64_t item, s
   const int64_t m = (item / blocks) % d.M;
   const int64_t q_begin = (item % blocks) * kBlock;
   const int64_t q_end = std::min(q_begin + kBlock, d.Q);
-  const scalar_t* value_nm = a.value + (n * d.M + m) * d.S * D;
+  const scalar_t* value_nm = a.value + n * a.sn + m * a.sm;
   std::fill(acc, acc + (q_end - q_begin) * D, acc_t(0));
   for (int64_t l = 0; l < d.L; ++l) {
     const int64_t H = a.shapes[2 * l], W = a.shapes[2 * l + 1];
-    const scalar_t* level = value_nm + a.starts[l] * D;
+    const scalar_t* level = value_nm + a.starts[l] * a.ss;
     for (int64_t q = q_begin; q < q_end; ++q) {
       acc_t* __restrict acc_q = acc + (q - q_begin) * D;
       acc_t local[kD > 0 ? kD : 1];
@@ -102,10 +103,10 @@ CODETR_ALWAYS_INLINE void forward_block(const Args<scalar_t>& a, int64_t item, s
         if (!s.inside) continue;
         const acc_t w0 = a.attn[k] * s.weight[0], w1 = a.attn[k] * s.weight[1];
         const acc_t w2 = a.attn[k] * s.weight[2], w3 = a.attn[k] * s.weight[3];
-        const scalar_t* __restrict r0 = s.pixel[0] >= 0 ? level + s.pixel[0] * D : a.zero;
-        const scalar_t* __restrict r1 = s.pixel[1] >= 0 ? level + s.pixel[1] * D : a.zero;
-        const scalar_t* __restrict r2 = s.pixel[2] >= 0 ? level + s.pixel[2] * D : a.zero;
-        const scalar_t* __restrict r3 = s.pixel[3] >= 0 ? level + s.pixel[3] * D : a.zero;
+        const scalar_t* __restrict r0 = s.pixel[0] >= 0 ? level + s.pixel[0] * a.ss : a.zero;
+        const scalar_t* __restrict r1 = s.pixel[1] >= 0 ? level + s.pixel[1] * a.ss : a.zero;
+        const scalar_t* __restrict r2 = s.pixel[2] >= 0 ? level + s.pixel[2] * a.ss : a.zero;
+        const scalar_t* __restrict r3 = s.pixel[3] >= 0 ? level + s.pixel[3] * a.ss : a.zero;
         for (int64_t c = 0; c < D; ++c) {
           sum[c] += w0 * static_cast<acc_t>(r0[c]) + w1 * static_cast<acc_t>(r1[c]) +
                     w2 * static_cast<acc_t>(r2[c]) + w3 * static_cast<acc_t>(r3[c]);
@@ -169,15 +170,15 @@ CODETR_ALWAYS_INLINE void backward_pair(const Args<scalar_t>& a, int64_t nm,
   const int64_t D = kD > 0 ? kD : d.D;
   const int64_t row = d.M * D;  // stride between two queries of grad_out
   const int64_t n = nm / d.M, m = nm % d.M;
-  const scalar_t* value_nm = a.value + nm * d.S * D;
-  acc_t* grad_value_nm = grad_value + nm * d.S * D;
+  const scalar_t* value_nm = a.value + n * a.sn + m * a.sm;
+  acc_t* grad_value_nm = grad_value + n * a.sn + m * a.sm;
   // Queries in blocks, levels outer within a block: the same cache locality argument as
   // in forward_block (the order is fixed, so the result stays deterministic).
   for (int64_t q_begin = 0; q_begin < d.Q; q_begin += kBlock) {
     const int64_t q_end = std::min(q_begin + kBlock, d.Q);
     for (int64_t l = 0; l < d.L; ++l) {
       const int64_t H = a.shapes[2 * l], W = a.shapes[2 * l + 1];
-      const int64_t level = a.starts[l] * D;
+      const int64_t level = a.starts[l] * a.ss;
       for (int64_t q = q_begin; q < q_end; ++q) {
         const scalar_t* __restrict g = grad_out + (n * d.Q + q) * row + m * D;
         int64_t k = (((n * d.Q + q) * d.M + m) * d.L + l) * d.P;  // sample (n, q, m, l, 0)
@@ -194,8 +195,8 @@ CODETR_ALWAYS_INLINE void backward_pair(const Args<scalar_t>& a, int64_t nm,
           acc_t coef[4];
           for (int c = 0; c < 4; ++c) {
             const bool in = s.pixel[c] >= 0;
-            r[c] = in ? value_nm + level + s.pixel[c] * D : a.zero;
-            gv[c] = in ? grad_value_nm + level + s.pixel[c] * D : scratch;
+            r[c] = in ? value_nm + level + s.pixel[c] * a.ss : a.zero;
+            gv[c] = in ? grad_value_nm + level + s.pixel[c] * a.ss : scratch;
             coef[c] = at * s.weight[c];
           }
           const scalar_t* __restrict r0 = r[0];
@@ -280,19 +281,22 @@ void swap_axes(const src_t* src, dst_t* dst, int64_t N, int64_t A, int64_t B, in
   });
 }
 
-// value [N, S, M, D] -> [N, M, S, D] contiguous (a view when value is one already). Each
-// head's maps are then contiguous (a position every D elements instead of every M * D): the
-// few rows of one level that a block of queries samples span M times fewer pages and their
-// neighbouring cache lines are the next positions; single-threaded, case A's forward ran
-// ~1.9x faster so.
+// The value the kernels read: [N, S, M, D] indexed, channels contiguous, in one of two
+// layouts. Head-major (a view of an [N, M, S, D] buffer): each head's maps contiguous, a
+// position every D elements instead of every M * D, so the rows of one level that a block
+// of queries samples span M times fewer pages and neighbouring positions share cache lines;
+// single-threaded, case A's forward ran ~1.9x faster so. It costs a transpose of value,
+// which only pays when every (head, position) is sampled about once or more (the encoder:
+// Q = S, M L P samples per position); a decoder's 300 queries over an 800 x 1333 memory ran
+// 4x slower with it, so those read value as it is (row-major).
 template <typename scalar_t>
-at::Tensor head_major(const at::Tensor& value, const Dims& d) {
-  auto view = value.permute({0, 2, 1, 3});
-  if (view.is_contiguous()) return view;
+at::Tensor kernel_value(const at::Tensor& value, const Dims& d) {
+  if (value.permute({0, 2, 1, 3}).is_contiguous()) return value;  // already head-major
+  if (d.Q * d.L * d.P < d.S) return value.contiguous();
   auto out = at::empty({d.N, d.M, d.S, d.D}, value.options());
   const auto src = value.contiguous();
   swap_axes(src.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), d.N, d.S, d.M, d.D);
-  return out;
+  return out.permute({0, 2, 1, 3});
 }
 
 at::Tensor ms_deform_attn_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
@@ -309,13 +313,16 @@ at::Tensor ms_deform_attn_cpu(const at::Tensor& value, const at::Tensor& spatial
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(),
                                   "ms_deform_attn_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
-    const auto v = head_major<scalar_t>(value, d);
+    const auto v = kernel_value<scalar_t>(value, d);
     const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
     const auto loc = sampling_locations.to(acc_dtype).contiguous();
     const auto attn = attention_weights.to(acc_dtype).contiguous();
     const std::vector<scalar_t> zero(d.D, scalar_t(0));
     const Args<scalar_t> args{d,
                               v.data_ptr<scalar_t>(),
+                              v.stride(0),
+                              v.stride(1),
+                              v.stride(2),
                               shapes.data_ptr<int64_t>(),
                               starts.data_ptr<int64_t>(),
                               loc.data_ptr<acc_t>(),
@@ -348,18 +355,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(),
                                   "ms_deform_attn_backward_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
-    auto v = head_major<scalar_t>(value, d);
+    auto v = kernel_value<scalar_t>(value, d);
     const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
     const auto loc = sampling_locations.to(acc_dtype).contiguous();
     const auto attn = attention_weights.to(acc_dtype).contiguous();
     // Gradients accumulate in acc_t (fp32 for half/bf16 value) and are cast at the end;
-    // grad_value head-major like the value the kernel reads, transposed back at the end.
-    auto grad_value_acc = at::zeros(v.sizes(), value.options().dtype(acc_dtype));
+    // grad_value in the layout of the value the kernel reads (the same strides).
+    auto grad_value_acc = at::empty_strided(v.sizes(), v.strides(), value.options().dtype(acc_dtype)).zero_();
     auto grad_loc_acc = grad_loc.to(acc_dtype);
     auto grad_attn_acc = grad_attn.to(acc_dtype);
     const std::vector<scalar_t> zero(d.D, scalar_t(0));
     const Args<scalar_t> args{d,
                               v.data_ptr<scalar_t>(),
+                              v.stride(0),
+                              v.stride(1),
+                              v.stride(2),
                               shapes.data_ptr<int64_t>(),
                               starts.data_ptr<int64_t>(),
                               loc.data_ptr<acc_t>(),
@@ -367,9 +377,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
                               zero.data()};
     backward_kernel<scalar_t>(args, g.data_ptr<scalar_t>(), grad_value_acc.data_ptr<acc_t>(),
                               grad_loc_acc.data_ptr<acc_t>(), grad_attn_acc.data_ptr<acc_t>());
-    v = at::Tensor();  // a copy of value (unless it was head-major): free it before grad_value
-    grad_value = at::empty_like(value, contiguous);
-    swap_axes(grad_value_acc.data_ptr<acc_t>(), grad_value.data_ptr<scalar_t>(), d.N, d.M, d.S, d.D);
+    v = at::Tensor();  // maybe a head-major copy of value: free it before grad_value
+    if (grad_value_acc.is_contiguous()) {
+      grad_value = grad_value_acc.to(value.scalar_type());  // no copy for fp32 / fp64
+    } else {  // head-major: transposed back
+      grad_value = at::empty_like(value, contiguous);
+      swap_axes(grad_value_acc.data_ptr<acc_t>(), grad_value.data_ptr<scalar_t>(), d.N, d.M, d.S,
+                d.D);
+    }
     if (!grad_loc_acc.is_same(grad_loc)) grad_loc.copy_(grad_loc_acc);
     if (!grad_attn_acc.is_same(grad_attn)) grad_attn.copy_(grad_attn_acc);
   });

@@ -74,6 +74,24 @@ def test_forward_backward_match_reference(seed, dtype, tol, assert_compiled):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol * scale, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("Q", [2, 300])
+def test_both_value_layouts_of_the_cpu_kernel(Q, assert_compiled):
+    """The CPU kernel reads value as it is when Q L P < S (few queries: Q = 2 here) and from a
+    head-major copy otherwise (Q = 300); both against the reference, forward and backward,
+    with D = 32 (the compile-time path) and D = 5."""
+    assert_compiled(OP)
+    for D in (32, 5):
+        value, shapes, starts, loc, attn = make_inputs([(9, 11), (5, 6), (2, 3)], N=2, Q=Q, M=3, D=D, P=2)
+        assert (Q * 3 * 2 < value.shape[1]) == (Q == 2)
+        inputs = [t.requires_grad_() if t.is_floating_point() else t for t in (value, shapes, starts, loc, attn)]
+        out, ref = ms_deform_attn(*inputs), ms_deform_attn_reference(*inputs)
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+        grad = torch.randn_like(out)
+        wrt = (inputs[0], inputs[3], inputs[4])
+        for a, b in zip(torch.autograd.grad(out, wrt, grad), torch.autograd.grad(ref, wrt, grad)):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9 * max(1.0, b.abs().max().item()))
+
+
 def test_non_contiguous_inputs(assert_compiled):
     assert_compiled(OP)
     value, shapes, starts, loc, attn = make_inputs([(6, 7), (3, 4), (1, 1)], N=3, Q=9, M=4, D=8, P=3)
@@ -149,11 +167,11 @@ def test_torch_compile_fullgraph(assert_compiled):
     assert value.grad is not None and value.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("D", [16, 32])  # 32: the CPU kernel's compile-time channel count
+@pytest.mark.parametrize("D,Q", [(16, 5), (32, 200)])  # the CPU kernel's two layouts, D=32 compiled
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_reduced_precision_value_with_fp32_coordinates(dtype, D, assert_compiled):
+def test_reduced_precision_value_with_fp32_coordinates(dtype, D, Q, assert_compiled):
     assert_compiled(OP)
-    value, shapes, starts, loc, attn = make_inputs([(8, 9), (4, 5)], dtype=torch.float32, D=D)
+    value, shapes, starts, loc, attn = make_inputs([(8, 9), (4, 5)], dtype=torch.float32, D=D, Q=Q)
     value_h = value.to(dtype).requires_grad_()
     out = ms_deform_attn(value_h, shapes, starts, loc, attn)
     assert out.dtype == dtype
