@@ -288,7 +288,7 @@ void swap_axes(const src_t* src, dst_t* dst, int64_t N, int64_t A, int64_t B, in
 // single-threaded, case A's kernel took ~133 ms instead of ~230. It costs a transpose of
 // value, which only pays when every (head, position) is sampled about once or more (the
 // encoder: Q = S, M L P samples per position); a decoder's 300 queries over an 800 x 1333
-// memory (case B) ran several times slower with it, so those read value as it is.
+// memory (case B: forward 7.4 ms with it, 4-5 ms without) read value as it is.
 template <typename scalar_t>
 at::Tensor kernel_value(const at::Tensor& value, const Dims& d) {
   if (value.permute({0, 2, 1, 3}).is_contiguous()) return value;  // already head-major
