@@ -64,7 +64,8 @@ def main() -> None:
     args = ap.parse_args()
     runs = Path(args.runs)
     budget = ["--epochs", str(args.epochs)] if args.epochs else ["--iters", str(args.iters)]
-    out = args.out or ROOT / "benchmarks" / "results" / f"bccd_aux_heads_{budget[1]}{budget[0][2:]}.json"
+    label = f"{args.epochs}epochs" if args.epochs else f"{args.iters}iters"
+    out = args.out or ROOT / "benchmarks" / "results" / f"bccd_aux_heads_{label}.json"
     budget += ["--record-instability", str(args.record_instability)] if args.record_instability else []
     names = args.variants.split(",")
     if set(names) - set(VARIANTS):
