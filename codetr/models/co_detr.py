@@ -176,6 +176,8 @@ class CoDETR(DeformableDETRPP):
         GIoU) on every layer against the head's assignment (no Hungarian matching),
         normalised by the group's positives averaged over processes."""
         boxes, feats, targets = self.make_group(positives, image_sizes)
+        # The heads give fp32 boxes (fp32 even under autocast); a float64 model decodes in float64.
+        boxes = boxes.to(self.positive_queries[name].pos_trans.weight.dtype)
         content, position = self.positive_queries[name](boxes, feats)
         out = self.decode(content, boxes, enc, query_pos=position)
         indices = [(torch.arange(len(t["labels"])), torch.arange(len(t["labels"]))) for t in targets]
