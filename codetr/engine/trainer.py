@@ -211,7 +211,8 @@ class Trainer:
         torch.set_rng_state(ckpt["rng"]["torch"].cpu())
         random.setstate(_tuplify(ckpt["rng"]["python"]))
         if ckpt["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+            # map_location moved the saved states to the GPU; the generators take CPU ByteTensors.
+            torch.cuda.set_rng_state_all([state.cpu() for state in ckpt["rng"]["cuda"]])
         self.iteration, self.batches_done = ckpt["iteration"], ckpt["batches_done"]
         self.metrics = ckpt.get("metrics", {})
 
