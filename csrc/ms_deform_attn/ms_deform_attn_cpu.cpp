@@ -294,6 +294,7 @@ at::Tensor kernel_value(const at::Tensor& value, const Dims& d) {
   if (value.permute({0, 2, 1, 3}).is_contiguous()) return value;  // already head-major
   if (d.Q * d.L * d.P < d.S) return value.contiguous();
   auto out = at::empty({d.N, d.M, d.S, d.D}, value.options());
+  advise_huge_pages(out);
   const auto src = value.contiguous();
   swap_axes(src.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), d.N, d.S, d.M, d.D);
   return out.permute({0, 2, 1, 3});
@@ -306,6 +307,7 @@ at::Tensor ms_deform_attn_cpu(const at::Tensor& value, const at::Tensor& spatial
   const Dims d = check_inputs("ms_deform_attn", value, spatial_shapes, level_start_index,
                               sampling_locations, attention_weights);
   auto out = at::empty({d.N, d.Q, d.M * d.D}, value.options());
+  advise_huge_pages(out);
   if (out.numel() == 0) return out;
   if (d.S == 0 || d.L == 0 || d.P == 0) return out.zero_();
   const auto shapes = spatial_shapes.contiguous();
@@ -349,6 +351,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   at::Tensor grad_value;
   auto grad_loc = at::empty_like(sampling_locations, contiguous);
   auto grad_attn = at::empty_like(attention_weights, contiguous);
+  advise_huge_pages(grad_loc);
+  advise_huge_pages(grad_attn);
   const auto g = grad_output.contiguous();
   const auto shapes = spatial_shapes.contiguous();
   const auto starts = level_start_index.contiguous();
@@ -361,7 +365,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     const auto attn = attention_weights.to(acc_dtype).contiguous();
     // Gradients accumulate in acc_t (fp32 for half/bf16 value) and are cast at the end;
     // grad_value in the layout of the value the kernel reads (the same strides).
-    auto grad_value_acc = at::empty_strided(v.sizes(), v.strides(), value.options().dtype(acc_dtype)).zero_();
+    auto grad_value_acc = at::empty_strided(v.sizes(), v.strides(), value.options().dtype(acc_dtype));
+    advise_huge_pages(grad_value_acc);
+    grad_value_acc.zero_();
     auto grad_loc_acc = grad_loc.to(acc_dtype);
     auto grad_attn_acc = grad_attn.to(acc_dtype);
     const std::vector<scalar_t> zero(d.D, scalar_t(0));
@@ -382,6 +388,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
       grad_value = grad_value_acc.to(value.scalar_type());  // no copy for fp32 / fp64
     } else {  // head-major: transposed back
       grad_value = at::empty_like(value, contiguous);
+      advise_huge_pages(grad_value);
       swap_axes(grad_value_acc.data_ptr<acc_t>(), grad_value.data_ptr<scalar_t>(), d.N, d.M, d.S,
                 d.D);
     }
