@@ -42,10 +42,11 @@ struct Args {
 
 constexpr int64_t kBlock = 256;  // queries per work item
 
-// One query's coordinates and weights for one (head, level) are 1/(M L) of its record, so
-// consecutive queries' are a record apart (1 KiB for M=8, L=4, P=4): a stride the hardware
-// prefetcher does not follow across pages, and every query then waited on a cache miss
-// before its first sample (a fifth of the forward's time in perf). Fetch kAhead queries early.
+// One query's coordinates and weights for one head (one (head, level) in the backward) are
+// a slice of its record, so consecutive queries' are a record apart (1 KiB for M=8, L=4,
+// P=4): a stride the hardware prefetcher does not follow across pages, and every query then
+// waited on a cache miss before its first sample (a fifth of the forward's time in perf).
+// Fetch kAhead queries early.
 constexpr int64_t kAhead = 8;
 
 template <typename scalar_t>
@@ -54,23 +55,26 @@ CODETR_ALWAYS_INLINE void prefetch_ahead(const Args<scalar_t>& a, int64_t k, int
   if (left > kAhead) {
     const int64_t ahead = k + kAhead * a.d.M * a.d.L * a.d.P;
     __builtin_prefetch(a.loc + 2 * ahead);
+    __builtin_prefetch(a.loc + 2 * ahead + 16);  // the next 64 bytes of float coordinates
     __builtin_prefetch(a.attn + ahead);
   }
 #endif
 }
 
 // Forward of one work item: (batch n, head m, block of queries); items are numbered with
-// the block fastest, so the threads sweep one head's maps at a time. Within the block,
-// level outer and query inner: consecutive queries sample near each other, so one head's
-// few rows of one level stay in L2 while the queries slide over them, and each row of a
-// head's map is fetched about once per pass instead of once per query row. Each sample's
-// corner weights are computed once and applied to all D channels in a loop the compiler
-// vectorizes. Corners outside the map read the zero row with weight 0, so the channel
-// loop has no branches (and an inf elsewhere in `value` cannot leak in as 0 * inf).
+// the block fastest, so the threads sweep one head's maps at a time, and a block's queries
+// sample a window of each of the head's maps that stays in L2 while the queries slide over
+// it. Query by query: a query's coordinates and weights for the head are one contiguous
+// record (L P samples), its sums stay in registers (kD) over all of them, and its output
+// row is written once. (Level outer, query inner, as before, kept the block's sums in a
+// scratch buffer and read each record in L pieces: case A's forward took ~15% longer.)
+// Each sample's corner weights are computed once and applied to all D channels in a loop
+// the compiler vectorizes. Corners outside the map read the zero row with weight 0, so the
+// channel loop has no branches (and an inf elsewhere in `value` cannot leak in as 0 * inf).
 // kD > 0 fixes D at compile time (kD == d.D): the query's kD sums then live in registers
-// over its P samples instead of making a store-to-load round trip through `acc` per sample
-// (the hottest instructions in perf before). D = 32: the paper's 256 channels over 8 heads.
-// acc: [kBlock, D] scratch.
+// instead of making a store-to-load round trip through memory per sample (the hottest
+// instructions in perf before). D = 32: the paper's 256 channels over 8 heads.
+// acc: [D] scratch, the sums when kD == 0.
 template <typename scalar_t, int64_t kD>
 CODETR_ALWAYS_INLINE void forward_block(const Args<scalar_t>& a, int64_t item, scalar_t* out,
                                         acc_type<scalar_t>* acc) {
@@ -84,20 +88,15 @@ CODETR_ALWAYS_INLINE void forward_block(const Args<scalar_t>& a, int64_t item, s
   const int64_t q_begin = (item % blocks) * kBlock;
   const int64_t q_end = std::min(q_begin + kBlock, d.Q);
   const scalar_t* value_nm = a.value + n * a.sn + m * a.sm;
-  std::fill(acc, acc + (q_end - q_begin) * D, acc_t(0));
-  for (int64_t l = 0; l < d.L; ++l) {
-    const int64_t H = a.shapes[2 * l], W = a.shapes[2 * l + 1];
-    const scalar_t* level = value_nm + a.starts[l] * a.ss;
-    for (int64_t q = q_begin; q < q_end; ++q) {
-      acc_t* __restrict acc_q = acc + (q - q_begin) * D;
-      acc_t local[kD > 0 ? kD : 1];
-      acc_t* __restrict sum = acc_q;
-      if constexpr (kD > 0) {
-        for (int64_t c = 0; c < kD; ++c) local[c] = acc_q[c];
-        sum = local;
-      }
-      int64_t k = (((n * d.Q + q) * d.M + m) * d.L + l) * d.P;  // sample (n, q, m, l, 0)
-      prefetch_ahead(a, k, q_end - q);
+  for (int64_t q = q_begin; q < q_end; ++q) {
+    acc_t local[kD > 0 ? kD : 1];
+    acc_t* __restrict sum = kD > 0 ? local : acc;
+    for (int64_t c = 0; c < D; ++c) sum[c] = acc_t(0);
+    int64_t k = ((n * d.Q + q) * d.M + m) * d.L * d.P;  // sample (n, q, m, 0, 0)
+    prefetch_ahead(a, k, q_end - q);
+    for (int64_t l = 0; l < d.L; ++l) {
+      const int64_t H = a.shapes[2 * l], W = a.shapes[2 * l + 1];
+      const scalar_t* level = value_nm + a.starts[l] * a.ss;
       for (int64_t p = 0; p < d.P; ++p, ++k) {
         const Sample<acc_t> s = make_sample(a.loc[2 * k], a.loc[2 * k + 1], H, W);
         if (!s.inside) continue;
@@ -112,15 +111,9 @@ CODETR_ALWAYS_INLINE void forward_block(const Args<scalar_t>& a, int64_t item, s
                     w2 * static_cast<acc_t>(r2[c]) + w3 * static_cast<acc_t>(r3[c]);
         }
       }
-      if constexpr (kD > 0) {
-        for (int64_t c = 0; c < kD; ++c) acc_q[c] = local[c];
-      }
     }
-  }
-  for (int64_t q = q_begin; q < q_end; ++q) {
     scalar_t* o = out + (n * d.Q + q) * row + m * D;
-    const acc_t* acc_q = acc + (q - q_begin) * D;
-    for (int64_t c = 0; c < D; ++c) o[c] = static_cast<scalar_t>(acc_q[c]);
+    for (int64_t c = 0; c < D; ++c) o[c] = static_cast<scalar_t>(sum[c]);
   }
 }
 
@@ -145,7 +138,7 @@ void forward_kernel(const Args<scalar_t>& a, scalar_t* out) {
   using acc_t = acc_type<scalar_t>;
   const int64_t blocks = (a.d.Q + kBlock - 1) / kBlock;
   parallel_items(
-      a.d.N * a.d.M * blocks, [&] { return std::vector<acc_t>(kBlock * a.d.D); },
+      a.d.N * a.d.M * blocks, [&] { return std::vector<acc_t>(a.d.D); },
       [&](int64_t nb, std::vector<acc_t>& acc) {
 #ifdef CODETR_MSDA_AVX2
         if (cpu_has_avx2()) return forward_block_avx2(a, nb, out, acc.data());
@@ -172,8 +165,11 @@ CODETR_ALWAYS_INLINE void backward_pair(const Args<scalar_t>& a, int64_t nm,
   const int64_t n = nm / d.M, m = nm % d.M;
   const scalar_t* value_nm = a.value + n * a.sn + m * a.sm;
   acc_t* grad_value_nm = grad_value + n * a.sn + m * a.sm;
-  // Queries in blocks, levels outer within a block: the same cache locality argument as
-  // in forward_block (the order is fixed, so the result stays deterministic).
+  // Queries in blocks, levels outer within a block, so that consecutive queries read and
+  // update nearby rows of one level (the order is fixed: the result stays deterministic).
+  // Query by query with levels inner, as the forward does, was ~5% slower here (cases A
+  // and C, alternating in one process), a row-major grad_value accumulator (no transpose
+  // back, but scattered updates) ~7% slower, and blocks of 64 or 1024 queries no faster.
   for (int64_t q_begin = 0; q_begin < d.Q; q_begin += kBlock) {
     const int64_t q_end = std::min(q_begin + kBlock, d.Q);
     for (int64_t l = 0; l < d.L; ++l) {
