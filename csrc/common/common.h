@@ -44,17 +44,19 @@ CODETR_HOST_DEVICE double mul_rn(double a, double b) {
 #endif
 }
 
-// Call on a CPU tensor just allocated, before anything writes to it. Buffers this large
-// come from mmap, fresh each call: the first write faults them in one 4 KiB page at a time,
-// the kernel zeroing each (a 45 MB output of case A took ~13 ms that way, single-threaded,
-// next to a ~100 ms kernel). Asking for transparent huge pages (THP's "madvise" mode, the
-// default of many distributions) faults them in 2 MiB at a time: ~3 ms. Only a hint: a
-// kernel without THP, or another allocator, ignores it.
+// Call on a CPU tensor just allocated, before anything writes to it. glibc serves buffers
+// of 32 MiB and more (its largest mmap threshold) from fresh mmap pages every call: the
+// first write faults them in one 4 KiB page at a time, the kernel zeroing each
+// (torch.empty(2, 22223, 256).fill_(1), case A's 45 MB output: 15.5 ms, single-threaded).
+// Asking for transparent huge pages (THP's "madvise" mode, the default of many
+// distributions) faults them in 2 MiB at a time: 3.9 ms. Smaller buffers may be reused heap
+// memory, where it did not pay (case C's 11 MB: f+b 59 vs 56 ms). Only a hint: a kernel
+// without THP, or another allocator, ignores it.
 inline void advise_huge_pages(const at::Tensor& t) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t{1} << 21;
   const size_t bytes = t.nbytes();
-  if (!t.device().is_cpu() || bytes < (size_t{32} << 20)) return;  // glibc: mmap from 32 MiB on
+  if (!t.device().is_cpu() || bytes < (size_t{32} << 20)) return;
   const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
   const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = (begin + bytes) & ~(kHuge - 1);
   if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
