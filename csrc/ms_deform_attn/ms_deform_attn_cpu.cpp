@@ -61,6 +61,34 @@ CODETR_ALWAYS_INLINE void prefetch_ahead(const Args<scalar_t>& a, int64_t k, int
 #endif
 }
 
+// make_sample's common case, a sample with all four corners on the map, in fewer
+// instructions: the same arithmetic, no per-corner tests; corner c lies at pixel[0] +
+// {0, 1, W, W + 1}. Returns false for any other sample (NaN included): use make_sample.
+// (The forward's time went with its ~145 instructions per sample, half of them make_sample's
+// tests and the per-corner pointer selection: this path took case A's forward from 82 to
+// 71 ms, alternating in one process.)
+template <typename acc_t>
+CODETR_ALWAYS_INLINE bool interior_sample(acc_t loc_x, acc_t loc_y, int64_t H, int64_t W,
+                                          Sample<acc_t>& s) {
+  const acc_t Hf = static_cast<acc_t>(H), Wf = static_cast<acc_t>(W);
+  const acc_t h_im = loc_y * Hf - acc_t(0.5);
+  const acc_t w_im = loc_x * Wf - acc_t(0.5);
+  if (!(h_im >= acc_t(0) && w_im >= acc_t(0) && h_im < Hf - acc_t(1) && w_im < Wf - acc_t(1)))
+    return false;
+  const int64_t h_low = static_cast<int64_t>(h_im), w_low = static_cast<int64_t>(w_im);  // floor
+  s.lh = h_im - static_cast<acc_t>(h_low);
+  s.lw = w_im - static_cast<acc_t>(w_low);
+  s.hh = acc_t(1) - s.lh;
+  s.hw = acc_t(1) - s.lw;
+  s.pixel[0] = h_low * W + w_low;
+  s.weight[0] = s.hh * s.hw;
+  s.weight[1] = s.hh * s.lw;
+  s.weight[2] = s.lh * s.hw;
+  s.weight[3] = s.lh * s.lw;
+  s.inside = true;
+  return true;
+}
+
 // Forward of one work item: (batch n, head m, block of queries); items are numbered with
 // the block fastest, so the threads sweep one head's maps at a time, and a block's queries
 // sample a window of each of the head's maps that stays in L2 while the queries slide over
@@ -88,6 +116,7 @@ CODETR_ALWAYS_INLINE void forward_block(const Args<scalar_t>& a, int64_t item, s
   const int64_t q_begin = (item % blocks) * kBlock;
   const int64_t q_end = std::min(q_begin + kBlock, d.Q);
   const scalar_t* value_nm = a.value + n * a.sn + m * a.sm;
+  const int64_t ss = a.ss;
   for (int64_t q = q_begin; q < q_end; ++q) {
     acc_t local[kD > 0 ? kD : 1];
     acc_t* __restrict sum = kD > 0 ? local : acc;
@@ -96,16 +125,25 @@ CODETR_ALWAYS_INLINE void forward_block(const Args<scalar_t>& a, int64_t item, s
     prefetch_ahead(a, k, q_end - q);
     for (int64_t l = 0; l < d.L; ++l) {
       const int64_t H = a.shapes[2 * l], W = a.shapes[2 * l + 1];
-      const scalar_t* level = value_nm + a.starts[l] * a.ss;
+      const scalar_t* level = value_nm + a.starts[l] * ss;
       for (int64_t p = 0; p < d.P; ++p, ++k) {
-        const Sample<acc_t> s = make_sample(a.loc[2 * k], a.loc[2 * k + 1], H, W);
-        if (!s.inside) continue;
+        Sample<acc_t> s;
+        const scalar_t *r0, *r1, *r2, *r3;
+        if (interior_sample(a.loc[2 * k], a.loc[2 * k + 1], H, W, s)) {
+          r0 = level + s.pixel[0] * ss;
+          r1 = r0 + ss;
+          r2 = r0 + W * ss;
+          r3 = r2 + ss;
+        } else {
+          s = make_sample(a.loc[2 * k], a.loc[2 * k + 1], H, W);
+          if (!s.inside) continue;
+          r0 = s.pixel[0] >= 0 ? level + s.pixel[0] * ss : a.zero;
+          r1 = s.pixel[1] >= 0 ? level + s.pixel[1] * ss : a.zero;
+          r2 = s.pixel[2] >= 0 ? level + s.pixel[2] * ss : a.zero;
+          r3 = s.pixel[3] >= 0 ? level + s.pixel[3] * ss : a.zero;
+        }
         const acc_t w0 = a.attn[k] * s.weight[0], w1 = a.attn[k] * s.weight[1];
         const acc_t w2 = a.attn[k] * s.weight[2], w3 = a.attn[k] * s.weight[3];
-        const scalar_t* __restrict r0 = s.pixel[0] >= 0 ? level + s.pixel[0] * a.ss : a.zero;
-        const scalar_t* __restrict r1 = s.pixel[1] >= 0 ? level + s.pixel[1] * a.ss : a.zero;
-        const scalar_t* __restrict r2 = s.pixel[2] >= 0 ? level + s.pixel[2] * a.ss : a.zero;
-        const scalar_t* __restrict r3 = s.pixel[3] >= 0 ? level + s.pixel[3] * a.ss : a.zero;
         for (int64_t c = 0; c < D; ++c) {
           sum[c] += w0 * static_cast<acc_t>(r0[c]) + w1 * static_cast<acc_t>(r1[c]) +
                     w2 * static_cast<acc_t>(r2[c]) + w3 * static_cast<acc_t>(r3[c]);
@@ -163,6 +201,7 @@ CODETR_ALWAYS_INLINE void backward_pair(const Args<scalar_t>& a, int64_t nm,
   const int64_t D = kD > 0 ? kD : d.D;
   const int64_t row = d.M * D;  // stride between two queries of grad_out
   const int64_t n = nm / d.M, m = nm % d.M;
+  const int64_t ss = a.ss;
   const scalar_t* value_nm = a.value + n * a.sn + m * a.sm;
   acc_t* grad_value_nm = grad_value + n * a.sn + m * a.sm;
   // Queries in blocks, levels outer within a block, so that consecutive queries read and
@@ -174,27 +213,36 @@ CODETR_ALWAYS_INLINE void backward_pair(const Args<scalar_t>& a, int64_t nm,
     const int64_t q_end = std::min(q_begin + kBlock, d.Q);
     for (int64_t l = 0; l < d.L; ++l) {
       const int64_t H = a.shapes[2 * l], W = a.shapes[2 * l + 1];
-      const int64_t level = a.starts[l] * a.ss;
+      const int64_t level = a.starts[l] * ss;
       for (int64_t q = q_begin; q < q_end; ++q) {
         const scalar_t* __restrict g = grad_out + (n * d.Q + q) * row + m * D;
         int64_t k = (((n * d.Q + q) * d.M + m) * d.L + l) * d.P;  // sample (n, q, m, l, 0)
         prefetch_ahead(a, k, q_end - q);
         for (int64_t p = 0; p < d.P; ++p, ++k) {
-          const Sample<acc_t> s = make_sample(a.loc[2 * k], a.loc[2 * k + 1], H, W);
-          if (!s.inside) {
-            grad_attn[k] = grad_loc[2 * k] = grad_loc[2 * k + 1] = acc_t(0);
-            continue;
-          }
-          const acc_t at = a.attn[k];
+          Sample<acc_t> s;
           const scalar_t* r[4];
           acc_t* gv[4];
-          acc_t coef[4];
-          for (int c = 0; c < 4; ++c) {
-            const bool in = s.pixel[c] >= 0;
-            r[c] = in ? value_nm + level + s.pixel[c] * a.ss : a.zero;
-            gv[c] = in ? grad_value_nm + level + s.pixel[c] * a.ss : scratch;
-            coef[c] = at * s.weight[c];
+          if (interior_sample(a.loc[2 * k], a.loc[2 * k + 1], H, W, s)) {
+            const int64_t offset[4] = {0, ss, W * ss, (W + 1) * ss};
+            for (int c = 0; c < 4; ++c) {
+              r[c] = value_nm + level + s.pixel[0] * ss + offset[c];
+              gv[c] = grad_value_nm + level + s.pixel[0] * ss + offset[c];
+            }
+          } else {
+            s = make_sample(a.loc[2 * k], a.loc[2 * k + 1], H, W);
+            if (!s.inside) {
+              grad_attn[k] = grad_loc[2 * k] = grad_loc[2 * k + 1] = acc_t(0);
+              continue;
+            }
+            for (int c = 0; c < 4; ++c) {
+              const bool in = s.pixel[c] >= 0;
+              r[c] = in ? value_nm + level + s.pixel[c] * ss : a.zero;
+              gv[c] = in ? grad_value_nm + level + s.pixel[c] * ss : scratch;
+            }
           }
+          const acc_t at = a.attn[k];
+          acc_t coef[4];
+          for (int c = 0; c < 4; ++c) coef[c] = at * s.weight[c];
           const scalar_t* __restrict r0 = r[0];
           const scalar_t* __restrict r1 = r[1];
           const scalar_t* __restrict r2 = r[2];
