@@ -19,10 +19,17 @@ from typing import Callable
 import torch
 
 
-def time_fn(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> float:
-    """Median wall time of fn() in seconds."""
-    for _ in range(warmup):
+def time_fn(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1,
+            warmup_s: float = 1.0) -> float:
+    """Median wall time of fn() in seconds, after `warmup` calls and at least `warmup_s`
+    seconds of calls: the first calls of a process ran up to 2x slower on our VMs (case A's
+    compiled forward: ~150 ms for its first five calls, 66-85 ms after), which a single
+    warm-up call left in the median of the op timed first."""
+    start = time.perf_counter()
+    done = 0
+    while done < warmup or time.perf_counter() - start < warmup_s:
         fn()
+        done += 1
     if device.type == "cuda":
         flush = torch.empty(64 * 2**20, dtype=torch.int8, device=device)  # larger than L2
         times = []
