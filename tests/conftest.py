@@ -3,6 +3,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import codetr
+
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
@@ -21,3 +23,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def assert_compiled():
+    """assert_compiled(op, device="cpu"): fails, rather than silently testing the fallback,
+    when op has no compiled kernel for device."""
+
+    def check(op: str, device: str = "cpu") -> None:
+        info = codetr.ops.extension_info()
+        assert info["ops"][op][device] == "compiled", info
+
+    return check

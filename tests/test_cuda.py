@@ -9,7 +9,6 @@ file on a GPU machine.
 import pytest
 import torch
 
-import codetr
 from codetr.ops import (atss_assign, atss_assign_reference, batched_nms, batched_nms_reference, box_iou,
                         box_iou_reference, generalized_box_iou_loss, generalized_box_iou_loss_reference,
                         max_iou_assign, max_iou_assign_reference, ms_deform_attn, ms_deform_attn_reference, nms,
@@ -24,13 +23,6 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 CUDA = "cuda"
 
 
-def require_compiled(*ops):
-    """Fails, rather than silently testing the fallback, where an op has no CUDA kernel."""
-    info = codetr.ops.extension_info()
-    for op in ops:
-        assert info["ops"][op][CUDA] == "compiled", info
-
-
 def cuda(*tensors):
     return [t.to(CUDA) for t in tensors]
 
@@ -43,8 +35,8 @@ def grads(out, inputs, grad_out):
 
 @pytest.mark.parametrize("seed", range(12))
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
-def test_ms_deform_attn_matches_reference(seed, dtype, tol):
-    require_compiled("ms_deform_attn")
+def test_ms_deform_attn_matches_reference(seed, dtype, tol, assert_compiled):
+    assert_compiled("ms_deform_attn", CUDA)
     cfg = random_config(seed)
     value, shapes, starts, loc, attn = make_inputs(dtype=torch.float64, seed=seed, **cfg)
     on_grid = seed % 3 == 0
@@ -70,9 +62,9 @@ def test_ms_deform_attn_matches_reference(seed, dtype, tol):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_ms_deform_attn_reduced_precision_value(dtype):
+def test_ms_deform_attn_reduced_precision_value(dtype, assert_compiled):
     """fp16 / bf16 value with fp32 coordinates: fp32 arithmetic, grad_value accumulated in fp32."""
-    require_compiled("ms_deform_attn")
+    assert_compiled("ms_deform_attn", CUDA)
     value, shapes, starts, loc, attn = make_inputs([(20, 30), (10, 15), (5, 8)], N=2, Q=400, M=8, D=32, P=4,
                                                   dtype=torch.float32, spread=0.05)
     value_h = value.to(dtype)
@@ -90,10 +82,10 @@ def test_ms_deform_attn_reduced_precision_value(dtype):
     torch.testing.assert_close(g.float().cpu(), g_ref, rtol=2e-2, atol=2e-2 * g_ref.abs().max().item())
 
 
-def test_ms_deform_attn_encoder_sized_matches_cpu_kernel():
+def test_ms_deform_attn_encoder_sized_matches_cpu_kernel(assert_compiled):
     """Case C's shapes (5440 queries on 4 levels) with the benchmark's sampling: the CUDA
     kernel agrees with the CPU kernel, itself checked against the reference in tests/ops."""
-    require_compiled("ms_deform_attn")
+    assert_compiled("ms_deform_attn", CUDA)
     import sys
     from pathlib import Path
 
@@ -112,16 +104,16 @@ def test_ms_deform_attn_encoder_sized_matches_cpu_kernel():
     torch.testing.assert_close(g.cpu(), g_cpu, rtol=1e-10, atol=1e-10)
 
 
-def test_ms_deform_attn_opcheck_and_errors():
-    require_compiled("ms_deform_attn")
+def test_ms_deform_attn_opcheck_and_errors(assert_compiled):
+    assert_compiled("ms_deform_attn", CUDA)
     value, shapes, starts, loc, attn = cuda(*make_inputs([(6, 7), (3, 4)], dtype=torch.float32))
     torch.library.opcheck(torch.ops.codetr.ms_deform_attn.default, (value, shapes, starts, loc, attn))
     with pytest.raises(RuntimeError, match="same device"):
         ms_deform_attn(value, shapes, starts, loc.cpu(), attn)
 
 
-def test_ms_deform_attn_module_on_cuda_matches_cpu():
-    require_compiled("ms_deform_attn")
+def test_ms_deform_attn_module_on_cuda_matches_cpu(assert_compiled):
+    assert_compiled("ms_deform_attn", CUDA)
     from codetr.models import MSDeformAttn
 
     torch.manual_seed(0)
@@ -149,8 +141,8 @@ def test_ms_deform_attn_module_on_cuda_matches_cpu():
 
 @pytest.mark.parametrize("mode", ["iou", "iof", "giou"])
 @pytest.mark.parametrize("aligned", [False, True])
-def test_box_iou_matches_reference(mode, aligned):
-    require_compiled("box_iou")
+def test_box_iou_matches_reference(mode, aligned, assert_compiled):
+    assert_compiled("box_iou", CUDA)
     b1 = random_boxes(2, 300, dtype=torch.float64, seed=1)
     b2 = random_boxes(2, 300 if aligned else 20, dtype=torch.float64, seed=2)
     b1[0, :5] = b1[0, 5:10]  # shared edges and equal boxes
@@ -168,8 +160,8 @@ def test_box_iou_matches_reference(mode, aligned):
 
 
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
-def test_giou_loss_matches_reference(reduction):
-    require_compiled("generalized_box_iou_loss")
+def test_giou_loss_matches_reference(reduction, assert_compiled):
+    assert_compiled("generalized_box_iou_loss", CUDA)
     pred = random_boxes(1000, dtype=torch.float64, seed=3).requires_grad_()
     target = random_boxes(1000, dtype=torch.float64, seed=4).requires_grad_()
     ref = generalized_box_iou_loss_reference(pred, target, reduction)
@@ -183,16 +175,16 @@ def test_giou_loss_matches_reference(reduction):
 
 @pytest.mark.parametrize("K,ties", [(500, False), (800, True), (5000, False)])
 @pytest.mark.parametrize("threshold", [0.3, 0.7])
-def test_nms_matches_reference(K, ties, threshold):
-    require_compiled("nms")
+def test_nms_matches_reference(K, ties, threshold, assert_compiled):
+    assert_compiled("nms", CUDA)
     boxes, scores, _ = detections(K, seed=K, ties=ties, degenerate=ties)
     keep = nms(*cuda(boxes, scores), threshold)
     assert keep.device.type == CUDA
     assert torch.equal(keep.cpu(), nms_reference(boxes, scores, threshold))
 
 
-def test_batched_nms_matches_reference():
-    require_compiled("batched_nms")
+def test_batched_nms_matches_reference(assert_compiled):
+    assert_compiled("batched_nms", CUDA)
     boxes, scores, idxs = detections(3000, seed=5, ties=True, classes=80)
     keep = batched_nms(*cuda(boxes, scores, idxs), 0.5)
     # On the reference's CUDA path: torchvision orders equal scores differently per device.
@@ -202,9 +194,9 @@ def test_batched_nms_matches_reference():
 # ---------------------------------------------------------------- assignment
 
 @pytest.mark.parametrize("G,counts", [(30, (30, 12)), (200, (200, 0))])
-def test_atss_assign_matches_reference(G, counts):
+def test_atss_assign_matches_reference(G, counts, assert_compiled):
     """T1's sizes: an 800x1333 image's 5 levels (22300 anchors)."""
-    require_compiled("atss_assign")
+    assert_compiled("atss_assign", CUDA)
     g = torch.Generator().manual_seed(G)
     anchors, levels = grid_anchors(800, 1333)
     gts = random_gts(g, 2, G, 800, 1333)
@@ -218,8 +210,8 @@ def test_atss_assign_matches_reference(G, counts):
 
 @pytest.mark.parametrize("preset", [(0.7, 0.3, 0.3, True, True), (0.5, 0.5, 0.5, False, True),
                                     (0.5, (0.1, 0.4), 0.3, True, False)])
-def test_max_iou_assign_matches_reference(preset):
-    require_compiled("max_iou_assign")
+def test_max_iou_assign_matches_reference(preset, assert_compiled):
+    assert_compiled("max_iou_assign", CUDA)
     g = torch.Generator().manual_seed(11)
     priors, _ = grid_anchors(384, 512, strides=(8, 16, 32, 64), scales=(4.0,), ratios=(0.5, 1.0, 2.0))
     gts = random_gts(g, 3, 40, 384, 512, min_side=4)
@@ -235,8 +227,8 @@ def test_max_iou_assign_matches_reference(preset):
 
 @pytest.mark.parametrize("aligned", [False, True])
 @pytest.mark.parametrize("sampling_ratio", [-1, 0, 2])
-def test_roi_align_matches_reference(aligned, sampling_ratio):
-    require_compiled("roi_align")
+def test_roi_align_matches_reference(aligned, sampling_ratio, assert_compiled):
+    assert_compiled("roi_align", CUDA)
     g = torch.Generator().manual_seed(sampling_ratio + 5)
     x = torch.randn(2, 33, 20, 26, generator=g, dtype=torch.float64, requires_grad=True)
     rois = make_rois(g, 64, 2, 80, 104, torch.float64)
@@ -253,33 +245,27 @@ def test_roi_align_matches_reference(aligned, sampling_ratio):
 # ---------------------------------------------------------------- model and trainer
 
 @pytest.mark.parametrize("heads", [("atss", "retina", "fcos"), ("rcnn",)])
-def test_co_detr_on_cuda_matches_cpu(heads, monkeypatch):
+def test_co_detr_on_cuda_matches_cpu(heads, monkeypatch, assert_compiled):
     """The same Co-DETR on both devices, float64: losses and gradients agree, so every op and
     index path of the model runs correctly on CUDA. The R-CNN head alone, more loosely: its
     RPN scores are fp32 sigmoids with ties, which torchvision's NMS semantics order
     differently per device, so it may sample other RoIs among equals."""
-    require_compiled("ms_deform_attn", "atss_assign", "max_iou_assign", "roi_align", "batched_nms")
+    for op in ("ms_deform_attn", "atss_assign", "max_iou_assign", "roi_align", "batched_nms"):
+        assert_compiled(op, CUDA)
     from codetr.config import build_model
+    from test_co_detr import SMALL, C, _batch
 
     randperm = torch.randperm  # the heads' random sampling: the same draws on both devices
     monkeypatch.setattr(torch, "randperm", lambda n, device=None, **kw: randperm(n, **kw).to(device))
 
     torch.manual_seed(0)
-    model = build_model("deformable_detr_pp_lite0", 5, aux_heads=heads, **{
-        "transformer.d_model": 64, "transformer.dim_feedforward": 128, "transformer.num_encoder_layers": 1,
-        "transformer.num_decoder_layers": 2, "transformer.n_heads": 4, "num_queries": 30, "num_detections": 20,
-        "backbone.pretrained": False}).double().train()
+    model = build_model("deformable_detr_pp_lite0", C, aux_heads=heads, **SMALL).double().train()
     with torch.no_grad():  # off the structured init: its integer sampling offsets put thousands of
         for p in model.parameters():  # samples exactly on pixel grid lines, where bilinear sampling
             p.add_(torch.randn_like(p), alpha=0.01)  # has no derivative and each device picks a side
-    images = torch.randn(2, 3, 128, 128, dtype=torch.float64)
-    masks = torch.zeros(2, 128, 128, dtype=torch.bool)
-    masks[1, 96:] = True  # the second image is 96 x 128, padded
-    images[1, :, 96:] = 0
-    targets = [{"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0], [70.0, 20.0, 120.0, 50.0], [40.0, 80.0, 56.0, 96.0]],
-                                      dtype=torch.float64), "labels": torch.tensor([1, 4, 2]), "size": torch.tensor([128, 128])},
-               {"boxes": torch.tensor([[8.0, 8.0, 100.0, 90.0]], dtype=torch.float64), "labels": torch.tensor([0]),
-                "size": torch.tensor([96, 128])}]
+    images, masks, targets = _batch()
+    images = images.double()
+    targets = [{k: (v.double() if v.is_floating_point() else v) for k, v in t.items()} for t in targets]
 
     def losses_and_grads(device):
         model.to(device).zero_grad()
@@ -305,10 +291,10 @@ def test_co_detr_on_cuda_matches_cpu(heads, monkeypatch):
 
 
 @pytest.mark.parametrize("amp", [None, "bf16", "fp16"])
-def test_trainer_on_cuda(tmp_path, amp):
+def test_trainer_on_cuda(tmp_path, amp, assert_compiled):
     """Six steps of the tiny K=1 run on the GPU (fp32, bf16 and fp16 with its grad scaler):
     finite losses, and a checkpoint that resumes on the GPU."""
-    require_compiled("ms_deform_attn")
+    assert_compiled("ms_deform_attn", CUDA)
     import json
     import math
 

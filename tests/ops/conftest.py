@@ -14,18 +14,6 @@ def reference_mode():
 
 
 @pytest.fixture
-def assert_compiled():
-    """assert_compiled(op, device="cpu"): fails, rather than silently testing the fallback,
-    when op has no compiled kernel for device."""
-
-    def check(op: str, device: str = "cpu") -> None:
-        info = codetr.ops.extension_info()
-        assert info["ops"][op][device] == "compiled", info
-
-    return check
-
-
-@pytest.fixture
 def at_thread_counts():
     """at_thread_counts(fn, counts=(1, 2, 3)) -> [fn() run with torch.set_num_threads(n)
     for n in counts], restoring the thread count afterwards (determinism tests)."""
