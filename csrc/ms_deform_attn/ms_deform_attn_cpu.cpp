@@ -4,6 +4,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "ms_deform_attn.h"
@@ -27,6 +29,48 @@ bool cpu_has_avx2() {
 #define CODETR_ALWAYS_INLINE inline
 #endif
 
+// 32 bytes of T (8 floats, 4 doubles) as one GCC/Clang vector: a ymm register in the AVX2
+// build of a function, two xmm registers in the baseline build. Used where the compiler's
+// own vectorization fell short: the backward's per-sample sums over the channels (written
+// as plain loops with `omp simd` reductions they took ~40 of its ~250 instructions per
+// sample).
+template <typename T>
+struct VecOf {
+  typedef T type __attribute__((vector_size(32)));
+};
+template <typename T>
+using Vec = typename VecOf<T>::type;
+template <typename T>
+constexpr int64_t kLanes = 32 / sizeof(T);
+
+template <typename acc_t, typename scalar_t>
+CODETR_ALWAYS_INLINE Vec<acc_t> load(const scalar_t* p) {
+  Vec<acc_t> v;
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {
+    std::memcpy(&v, p, sizeof v);
+  } else {
+    for (int64_t i = 0; i < kLanes<acc_t>; ++i) v[i] = static_cast<acc_t>(p[i]);
+  }
+  return v;
+}
+
+template <typename T>
+CODETR_ALWAYS_INLINE void store(T* p, const Vec<T>& v) {
+  std::memcpy(p, &v, sizeof v);
+}
+
+template <typename T>
+CODETR_ALWAYS_INLINE T hsum(const Vec<T>& v) {
+  typedef T Half __attribute__((vector_size(16)));
+  Half lo, hi;
+  std::memcpy(&lo, &v, sizeof lo);
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
+  lo += hi;
+  T s = lo[0];
+  for (int64_t i = 1; i < kLanes<T> / 2; ++i) s += lo[i];
+  return s;
+}
+
 template <typename scalar_t>
 struct Args {
   using acc_t = acc_type<scalar_t>;
@@ -40,13 +84,113 @@ struct Args {
   const scalar_t* zero;   // [D] zeros: the row read for corners outside the map
 };
 
-constexpr int64_t kBlock = 256;  // queries per work item
+// The sizes make_taps needs for sample j = l * P + p of a record, fixed for a call.
+// h_max, w_max: H - 1, W - 1, the bounds of an interior sample (all four corners on the
+// map); 0 for a level whose pixel indices would not fit 32 bits, so that none of its
+// samples counts as interior.
+template <typename acc_t>
+struct Levels {
+  Levels(const Dims& d, const int64_t* shapes) {
+    for (int64_t l = 0; l < d.L; ++l) {
+      const int64_t H = shapes[2 * l], W = shapes[2 * l + 1];
+      const bool fits = H * W < (int64_t{1} << 31);
+      for (int64_t p = 0; p < d.P; ++p) {
+        h.push_back(static_cast<acc_t>(H));
+        w.push_back(static_cast<acc_t>(W));
+        h_max.push_back(fits ? static_cast<acc_t>(H - 1) : acc_t(0));
+        w_max.push_back(fits ? static_cast<acc_t>(W - 1) : acc_t(0));
+        w_int.push_back(fits ? static_cast<int32_t>(W) : 0);
+      }
+    }
+  }
+  std::vector<acc_t> h, w, h_max, w_max;
+  std::vector<int32_t> w_int;
+};
 
-// One query's coordinates and weights for one head (one (head, level) in the backward) are
-// a slice of its record, so consecutive queries' are a record apart (1 KiB for M=8, L=4,
-// P=4): a stride the hardware prefetcher does not follow across pages, and every query then
-// waited on a cache miss before its first sample (a fifth of the forward's time in perf).
-// Fetch kAhead queries early.
+// The L P samples of one (query, head) record, prepared together by make_taps. For an
+// interior sample j: pixel[j], its corner 0 (h_low * W + w_low) within the level, its
+// bilinear weights with (attn_weight) and without (weight) the attention weight, and its
+// fractional parts lh, lw. pixel[j] = -1 for any other sample, which goes through
+// make_sample.
+template <typename acc_t>
+struct Taps {
+  explicit Taps(int64_t n) : pixel(n), lh(n), lw(n) {
+    for (int c = 0; c < 4; ++c) {
+      weight[c].resize(n);
+      attn_weight[c].resize(n);
+    }
+  }
+  std::vector<int32_t> pixel;
+  std::vector<acc_t> weight[4], attn_weight[4], lh, lw;
+};
+
+// make_sample's arithmetic for a whole record at once, in a loop the compiler vectorizes
+// (8 samples per instruction in fp32 under AVX2): no branches, and coordinates clamped
+// (NaN to 0) before the integer conversions so that every lane's conversion is defined.
+// Done one sample at a time, make_sample's tests and pointer selection were about 60 of
+// the forward's ~86 instructions per sample.
+template <typename acc_t>
+CODETR_ALWAYS_INLINE void make_taps(const Levels<acc_t>& lv, const acc_t* __restrict loc,
+                                    const acc_t* __restrict attn, Taps<acc_t>& t) {
+  const int64_t n = static_cast<int64_t>(lv.h.size());
+  const acc_t* __restrict h = lv.h.data();
+  const acc_t* __restrict w = lv.w.data();
+  const acc_t* __restrict h_max = lv.h_max.data();
+  const acc_t* __restrict w_max = lv.w_max.data();
+  const int32_t* __restrict w_int = lv.w_int.data();
+  int32_t* __restrict pixel = t.pixel.data();
+  acc_t* __restrict lh_out = t.lh.data();
+  acc_t* __restrict lw_out = t.lw.data();
+  acc_t* __restrict w0 = t.weight[0].data();
+  acc_t* __restrict w1 = t.weight[1].data();
+  acc_t* __restrict w2 = t.weight[2].data();
+  acc_t* __restrict w3 = t.weight[3].data();
+  acc_t* __restrict aw0 = t.attn_weight[0].data();
+  acc_t* __restrict aw1 = t.attn_weight[1].data();
+  acc_t* __restrict aw2 = t.attn_weight[2].data();
+  acc_t* __restrict aw3 = t.attn_weight[3].data();
+  // GCC does not take __restrict on local pointers as a promise: without ivdep it would
+  // test the 16 arrays for overlap, exceed its limit on such tests and not vectorize.
+#pragma GCC ivdep
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t h_im = loc[2 * j + 1] * h[j] - acc_t(0.5);
+    const acc_t w_im = loc[2 * j] * w[j] - acc_t(0.5);
+    const int32_t interior = (h_im >= acc_t(0)) & (w_im >= acc_t(0)) & (h_im < h_max[j]) &
+                             (w_im < w_max[j]);
+    const acc_t hc = std::min(h_max[j], std::max(acc_t(0), h_im));
+    const acc_t wc = std::min(w_max[j], std::max(acc_t(0), w_im));
+    const int32_t h_low = static_cast<int32_t>(hc), w_low = static_cast<int32_t>(wc);  // floor
+    const acc_t lh = hc - static_cast<acc_t>(h_low), lw = wc - static_cast<acc_t>(w_low);
+    const acc_t hh = acc_t(1) - lh, hw = acc_t(1) - lw, a = attn[j];
+    pixel[j] = (h_low * w_int[j] + w_low) | (interior - 1);  // -1 unless interior
+    lh_out[j] = lh;
+    lw_out[j] = lw;
+    w0[j] = hh * hw;
+    w1[j] = hh * lw;
+    w2[j] = lh * hw;
+    w3[j] = lh * lw;
+    aw0[j] = a * w0[j];
+    aw1[j] = a * w1[j];
+    aw2[j] = a * w2[j];
+    aw3[j] = a * w3[j];
+  }
+}
+
+// Per-thread scratch of the kernels.
+template <typename acc_t>
+struct Scratch {
+  Scratch(const Dims& d) : taps(d.L * d.P), row(d.D) {}
+  Taps<acc_t> taps;
+  std::vector<acc_t> row;  // [D]: forward sums when D is not fixed; backward's write sink
+};
+
+constexpr int64_t kBlock = 256;  // queries per work item of the forward
+
+// One query's coordinates and weights for one head are a slice of its record, so
+// consecutive queries' are a record apart (1 KiB for M=8, L=4, P=4): a stride the hardware
+// prefetcher does not follow across pages, and every query then waited on a cache miss
+// before its first sample (a fifth of the forward's time in perf). Fetch kAhead queries
+// early.
 constexpr int64_t kAhead = 8;
 
 template <typename scalar_t>
@@ -61,51 +205,24 @@ CODETR_ALWAYS_INLINE void prefetch_ahead(const Args<scalar_t>& a, int64_t k, int
 #endif
 }
 
-// make_sample's common case, a sample with all four corners on the map, in fewer
-// instructions: the same arithmetic, no per-corner tests; corner c lies at pixel[0] +
-// {0, 1, W, W + 1}. Returns false for any other sample (NaN included): use make_sample.
-// (The forward's time went with its ~145 instructions per sample, half of them make_sample's
-// tests and the per-corner pointer selection: this path took case A's forward from 82 to
-// 71 ms, alternating in one process.)
-template <typename acc_t>
-CODETR_ALWAYS_INLINE bool interior_sample(acc_t loc_x, acc_t loc_y, int64_t H, int64_t W,
-                                          Sample<acc_t>& s) {
-  const acc_t Hf = static_cast<acc_t>(H), Wf = static_cast<acc_t>(W);
-  const acc_t h_im = loc_y * Hf - acc_t(0.5);
-  const acc_t w_im = loc_x * Wf - acc_t(0.5);
-  if (!(h_im >= acc_t(0) && w_im >= acc_t(0) && h_im < Hf - acc_t(1) && w_im < Wf - acc_t(1)))
-    return false;
-  const int64_t h_low = static_cast<int64_t>(h_im), w_low = static_cast<int64_t>(w_im);  // floor
-  s.lh = h_im - static_cast<acc_t>(h_low);
-  s.lw = w_im - static_cast<acc_t>(w_low);
-  s.hh = acc_t(1) - s.lh;
-  s.hw = acc_t(1) - s.lw;
-  s.pixel[0] = h_low * W + w_low;
-  s.weight[0] = s.hh * s.hw;
-  s.weight[1] = s.hh * s.lw;
-  s.weight[2] = s.lh * s.hw;
-  s.weight[3] = s.lh * s.lw;
-  s.inside = true;
-  return true;
-}
 
 // Forward of one work item: (batch n, head m, block of queries); items are numbered with
 // the block fastest, so the threads sweep one head's maps at a time, and a block's queries
 // sample a window of each of the head's maps that stays in L2 while the queries slide over
 // it. Query by query: a query's coordinates and weights for the head are one contiguous
-// record (L P samples), its sums stay in registers (kD) over all of them, and its output
-// row is written once. (Level outer, query inner, as before, kept the block's sums in a
-// scratch buffer and read each record in L pieces: case A's forward took ~15% longer.)
-// Each sample's corner weights are computed once and applied to all D channels in a loop
-// the compiler vectorizes. Corners outside the map read the zero row with weight 0, so the
-// channel loop has no branches (and an inf elsewhere in `value` cannot leak in as 0 * inf).
+// record (L P samples), prepared by make_taps; its sums stay in registers (kD) over all of
+// them, and its output row is written once. (Level outer, query inner, kept the block's
+// sums in a scratch buffer and read each record in L pieces: case A's forward took ~15%
+// longer.) Each sample's weights are applied to all D channels in a loop the compiler
+// vectorizes. Corners outside the map read the zero row with weight 0, so the channel loop
+// has no branches (and an inf elsewhere in `value` cannot leak in as 0 * inf).
 // kD > 0 fixes D at compile time (kD == d.D): the query's kD sums then live in registers
 // instead of making a store-to-load round trip through memory per sample (the hottest
 // instructions in perf before). D = 32: the paper's 256 channels over 8 heads.
-// acc: [D] scratch, the sums when kD == 0.
 template <typename scalar_t, int64_t kD>
-CODETR_ALWAYS_INLINE void forward_block(const Args<scalar_t>& a, int64_t item, scalar_t* out,
-                                        acc_type<scalar_t>* acc) {
+CODETR_ALWAYS_INLINE void forward_block(const Args<scalar_t>& a, const Levels<acc_type<scalar_t>>& lv,
+                                        int64_t item, scalar_t* out,
+                                        Scratch<acc_type<scalar_t>>& scratch) {
   using acc_t = acc_type<scalar_t>;
   const Dims& d = a.d;
   const int64_t D = kD > 0 ? kD : d.D;
@@ -117,33 +234,42 @@ CODETR_ALWAYS_INLINE void forward_block(const Args<scalar_t>& a, int64_t item, s
   const int64_t q_end = std::min(q_begin + kBlock, d.Q);
   const scalar_t* value_nm = a.value + n * a.sn + m * a.sm;
   const int64_t ss = a.ss;
+  const Taps<acc_t>& t = scratch.taps;
   for (int64_t q = q_begin; q < q_end; ++q) {
     acc_t local[kD > 0 ? kD : 1];
-    acc_t* __restrict sum = kD > 0 ? local : acc;
+    acc_t* __restrict sum = kD > 0 ? local : scratch.row.data();
     for (int64_t c = 0; c < D; ++c) sum[c] = acc_t(0);
-    int64_t k = ((n * d.Q + q) * d.M + m) * d.L * d.P;  // sample (n, q, m, 0, 0)
-    prefetch_ahead(a, k, q_end - q);
-    for (int64_t l = 0; l < d.L; ++l) {
+    const int64_t k0 = ((n * d.Q + q) * d.M + m) * d.L * d.P;  // sample (n, q, m, 0, 0)
+    prefetch_ahead(a, k0, q_end - q);
+    make_taps(lv, a.loc + 2 * k0, a.attn + k0, scratch.taps);
+    for (int64_t l = 0, j = 0; l < d.L; ++l) {
       const int64_t H = a.shapes[2 * l], W = a.shapes[2 * l + 1];
       const scalar_t* level = value_nm + a.starts[l] * ss;
-      for (int64_t p = 0; p < d.P; ++p, ++k) {
-        Sample<acc_t> s;
+      for (int64_t p = 0; p < d.P; ++p, ++j) {
         const scalar_t *r0, *r1, *r2, *r3;
-        if (interior_sample(a.loc[2 * k], a.loc[2 * k + 1], H, W, s)) {
-          r0 = level + s.pixel[0] * ss;
+        acc_t w0, w1, w2, w3;
+        if (t.pixel[j] >= 0) {
+          r0 = level + t.pixel[j] * ss;
           r1 = r0 + ss;
           r2 = r0 + W * ss;
           r3 = r2 + ss;
+          w0 = t.attn_weight[0][j];
+          w1 = t.attn_weight[1][j];
+          w2 = t.attn_weight[2][j];
+          w3 = t.attn_weight[3][j];
         } else {
-          s = make_sample(a.loc[2 * k], a.loc[2 * k + 1], H, W);
+          const int64_t k = k0 + j;
+          const Sample<acc_t> s = make_sample(a.loc[2 * k], a.loc[2 * k + 1], H, W);
           if (!s.inside) continue;
           r0 = s.pixel[0] >= 0 ? level + s.pixel[0] * ss : a.zero;
           r1 = s.pixel[1] >= 0 ? level + s.pixel[1] * ss : a.zero;
           r2 = s.pixel[2] >= 0 ? level + s.pixel[2] * ss : a.zero;
           r3 = s.pixel[3] >= 0 ? level + s.pixel[3] * ss : a.zero;
+          w0 = a.attn[k] * s.weight[0];
+          w1 = a.attn[k] * s.weight[1];
+          w2 = a.attn[k] * s.weight[2];
+          w3 = a.attn[k] * s.weight[3];
         }
-        const acc_t w0 = a.attn[k] * s.weight[0], w1 = a.attn[k] * s.weight[1];
-        const acc_t w2 = a.attn[k] * s.weight[2], w3 = a.attn[k] * s.weight[3];
         for (int64_t c = 0; c < D; ++c) {
           sum[c] += w0 * static_cast<acc_t>(r0[c]) + w1 * static_cast<acc_t>(r1[c]) +
                     w2 * static_cast<acc_t>(r2[c]) + w3 * static_cast<acc_t>(r3[c]);
@@ -156,46 +282,90 @@ CODETR_ALWAYS_INLINE void forward_block(const Args<scalar_t>& a, int64_t item, s
 }
 
 template <typename scalar_t>
-void forward_block_baseline(const Args<scalar_t>& a, int64_t nb, scalar_t* out,
-                            acc_type<scalar_t>* acc) {
-  if (a.d.D == 32) return forward_block<scalar_t, 32>(a, nb, out, acc);
-  forward_block<scalar_t, 0>(a, nb, out, acc);
+void forward_block_baseline(const Args<scalar_t>& a, const Levels<acc_type<scalar_t>>& lv,
+                            int64_t item, scalar_t* out, Scratch<acc_type<scalar_t>>& scratch) {
+  if (a.d.D == 32) return forward_block<scalar_t, 32>(a, lv, item, out, scratch);
+  forward_block<scalar_t, 0>(a, lv, item, out, scratch);
 }
 
 #ifdef CODETR_MSDA_AVX2
 template <typename scalar_t>
-CODETR_TARGET_AVX2 void forward_block_avx2(const Args<scalar_t>& a, int64_t nb, scalar_t* out,
-                                           acc_type<scalar_t>* acc) {
-  if (a.d.D == 32) return forward_block<scalar_t, 32>(a, nb, out, acc);
-  forward_block<scalar_t, 0>(a, nb, out, acc);
+CODETR_TARGET_AVX2 void forward_block_avx2(const Args<scalar_t>& a,
+                                           const Levels<acc_type<scalar_t>>& lv, int64_t item,
+                                           scalar_t* out, Scratch<acc_type<scalar_t>>& scratch) {
+  if (a.d.D == 32) return forward_block<scalar_t, 32>(a, lv, item, out, scratch);
+  forward_block<scalar_t, 0>(a, lv, item, out, scratch);
 }
 #endif
 
 template <typename scalar_t>
 void forward_kernel(const Args<scalar_t>& a, scalar_t* out) {
   using acc_t = acc_type<scalar_t>;
+  const Levels<acc_t> lv(a.d, a.shapes);
   const int64_t blocks = (a.d.Q + kBlock - 1) / kBlock;
   parallel_items(
-      a.d.N * a.d.M * blocks, [&] { return std::vector<acc_t>(a.d.D); },
-      [&](int64_t nb, std::vector<acc_t>& acc) {
+      a.d.N * a.d.M * blocks, [&] { return Scratch<acc_t>(a.d); },
+      [&](int64_t item, Scratch<acc_t>& scratch) {
 #ifdef CODETR_MSDA_AVX2
-        if (cpu_has_avx2()) return forward_block_avx2(a, nb, out, acc.data());
+        if (cpu_has_avx2()) return forward_block_avx2(a, lv, item, out, scratch);
 #endif
-        forward_block_baseline(a, nb, out, acc.data());
+        forward_block_baseline(a, lv, item, out, scratch);
       });
+}
+
+// The backward's channel loop for one sample: dot[c] = sum over channels of g * r_c (the
+// four sums of sample_grad) and gv_c += coef[c] * g. Whole vectors of channels, then the
+// last D % kLanes one by one. The gv_c may alias (corners outside the map all write into
+// the same sink row), so each row's update is a plain load-add-store.
+template <typename scalar_t, int64_t kD>
+CODETR_ALWAYS_INLINE void backward_channels(int64_t D, const scalar_t* g,
+                                            const scalar_t* const r[4],
+                                            acc_type<scalar_t>* const gv[4],
+                                            const acc_type<scalar_t> coef[4],
+                                            acc_type<scalar_t> dot[4]) {
+  using acc_t = acc_type<scalar_t>;
+  using V = Vec<acc_t>;
+  constexpr int64_t kL = kLanes<acc_t>;
+  if (kD > 0) D = kD;
+  V d0 = {}, d1 = {}, d2 = {}, d3 = {};
+  int64_t c = 0;
+  for (; c + kL <= D; c += kL) {
+    const V gc = load<acc_t>(g + c);
+    d0 += gc * load<acc_t>(r[0] + c);
+    d1 += gc * load<acc_t>(r[1] + c);
+    d2 += gc * load<acc_t>(r[2] + c);
+    d3 += gc * load<acc_t>(r[3] + c);
+    store<acc_t>(gv[0] + c, load<acc_t>(gv[0] + c) + coef[0] * gc);
+    store<acc_t>(gv[1] + c, load<acc_t>(gv[1] + c) + coef[1] * gc);
+    store<acc_t>(gv[2] + c, load<acc_t>(gv[2] + c) + coef[2] * gc);
+    store<acc_t>(gv[3] + c, load<acc_t>(gv[3] + c) + coef[3] * gc);
+  }
+  dot[0] = hsum<acc_t>(d0);
+  dot[1] = hsum<acc_t>(d1);
+  dot[2] = hsum<acc_t>(d2);
+  dot[3] = hsum<acc_t>(d3);
+  for (; c < D; ++c) {
+    const acc_t gc = static_cast<acc_t>(g[c]);
+    for (int corner = 0; corner < 4; ++corner) {
+      dot[corner] += gc * static_cast<acc_t>(r[corner][c]);
+      gv[corner][c] += coef[corner] * gc;
+    }
+  }
 }
 
 // Backward of one (batch n, head m) pair. The pair owns the slice value[n, :, m, :], so
 // every grad_value element is written by one thread, in query order: the result is
 // bitwise identical whatever the number of threads, with no atomics and no private
-// copies. One fused pass over the channels computes the three sums of accumulate_grad
-// and scatters into the four corners' grad_value rows (corners outside the map read the
-// zero row and write into `scratch`, with weight 0). kD as in forward_block.
+// copies. Query by query as in the forward (one make_taps per record); per sample, one
+// pass over the channels (backward_channels) gives the sums of sample_grad and scatters
+// into the four corners' grad_value rows. Corners outside the map read the zero row and
+// write into the sink row, with weight 0. kD as in forward_block.
 template <typename scalar_t, int64_t kD>
-CODETR_ALWAYS_INLINE void backward_pair(const Args<scalar_t>& a, int64_t nm,
-                                        const scalar_t* grad_out, acc_type<scalar_t>* grad_value,
-                                        acc_type<scalar_t>* grad_loc, acc_type<scalar_t>* grad_attn,
-                                        acc_type<scalar_t>* scratch) {
+CODETR_ALWAYS_INLINE void backward_pair(const Args<scalar_t>& a, const Levels<acc_type<scalar_t>>& lv,
+                                        int64_t nm, const scalar_t* grad_out,
+                                        acc_type<scalar_t>* grad_value, acc_type<scalar_t>* grad_loc,
+                                        acc_type<scalar_t>* grad_attn,
+                                        Scratch<acc_type<scalar_t>>& scratch) {
   using acc_t = acc_type<scalar_t>;
   const Dims& d = a.d;
   const int64_t D = kD > 0 ? kD : d.D;
@@ -204,92 +374,81 @@ CODETR_ALWAYS_INLINE void backward_pair(const Args<scalar_t>& a, int64_t nm,
   const int64_t ss = a.ss;
   const scalar_t* value_nm = a.value + n * a.sn + m * a.sm;
   acc_t* grad_value_nm = grad_value + n * a.sn + m * a.sm;
-  // Queries in blocks, levels outer within a block, so that consecutive queries read and
-  // update nearby rows of one level (the order is fixed: the result stays deterministic).
-  // Query by query with levels inner, as the forward does, was ~5% slower here (cases A
-  // and C, alternating in one process), a row-major grad_value accumulator (no transpose
-  // back, but scattered updates) ~7% slower, and blocks of 64 or 1024 queries no faster.
-  for (int64_t q_begin = 0; q_begin < d.Q; q_begin += kBlock) {
-    const int64_t q_end = std::min(q_begin + kBlock, d.Q);
-    for (int64_t l = 0; l < d.L; ++l) {
+  const Taps<acc_t>& t = scratch.taps;
+  for (int64_t q = 0; q < d.Q; ++q) {
+    const scalar_t* g = grad_out + (n * d.Q + q) * row + m * D;
+    const int64_t k0 = ((n * d.Q + q) * d.M + m) * d.L * d.P;  // sample (n, q, m, 0, 0)
+    prefetch_ahead(a, k0, d.Q - q);
+    make_taps(lv, a.loc + 2 * k0, a.attn + k0, scratch.taps);
+    for (int64_t l = 0, j = 0; l < d.L; ++l) {
       const int64_t H = a.shapes[2 * l], W = a.shapes[2 * l + 1];
       const int64_t level = a.starts[l] * ss;
-      for (int64_t q = q_begin; q < q_end; ++q) {
-        const scalar_t* __restrict g = grad_out + (n * d.Q + q) * row + m * D;
-        int64_t k = (((n * d.Q + q) * d.M + m) * d.L + l) * d.P;  // sample (n, q, m, l, 0)
-        prefetch_ahead(a, k, q_end - q);
-        for (int64_t p = 0; p < d.P; ++p, ++k) {
-          Sample<acc_t> s;
-          const scalar_t* r[4];
-          acc_t* gv[4];
-          if (interior_sample(a.loc[2 * k], a.loc[2 * k + 1], H, W, s)) {
-            const int64_t offset[4] = {0, ss, W * ss, (W + 1) * ss};
-            for (int c = 0; c < 4; ++c) {
-              r[c] = value_nm + level + s.pixel[0] * ss + offset[c];
-              gv[c] = grad_value_nm + level + s.pixel[0] * ss + offset[c];
-            }
-          } else {
-            s = make_sample(a.loc[2 * k], a.loc[2 * k + 1], H, W);
-            if (!s.inside) {
-              grad_attn[k] = grad_loc[2 * k] = grad_loc[2 * k + 1] = acc_t(0);
-              continue;
-            }
-            for (int c = 0; c < 4; ++c) {
-              const bool in = s.pixel[c] >= 0;
-              r[c] = in ? value_nm + level + s.pixel[c] * ss : a.zero;
-              gv[c] = in ? grad_value_nm + level + s.pixel[c] * ss : scratch;
-            }
+      for (int64_t p = 0; p < d.P; ++p, ++j) {
+        const int64_t k = k0 + j;
+        const acc_t at = a.attn[k];
+        Sample<acc_t> s;
+        const scalar_t* r[4];
+        acc_t* gv[4];
+        acc_t coef[4];
+        if (t.pixel[j] >= 0) {
+          const int64_t offset[4] = {0, ss, W * ss, (W + 1) * ss};
+          for (int c = 0; c < 4; ++c) {
+            r[c] = value_nm + level + t.pixel[j] * ss + offset[c];
+            gv[c] = grad_value_nm + level + t.pixel[j] * ss + offset[c];
+            s.weight[c] = t.weight[c][j];
+            coef[c] = t.attn_weight[c][j];
           }
-          const acc_t at = a.attn[k];
-          acc_t coef[4];
-          for (int c = 0; c < 4; ++c) coef[c] = at * s.weight[c];
-          const scalar_t* __restrict r0 = r[0];
-          const scalar_t* __restrict r1 = r[1];
-          const scalar_t* __restrict r2 = r[2];
-          const scalar_t* __restrict r3 = r[3];
-          acc_t* __restrict gv0 = gv[0];
-          acc_t* __restrict gv1 = gv[1];
-          acc_t* __restrict gv2 = gv[2];
-          acc_t* __restrict gv3 = gv[3];
-          acc_t ga = 0, gw = 0, gh = 0;
-#pragma omp simd reduction(+ : ga, gw, gh)
-          for (int64_t c = 0; c < D; ++c) {
-            const acc_t gc = static_cast<acc_t>(g[c]);
-            accumulate_grad(s, gc, static_cast<acc_t>(r0[c]), static_cast<acc_t>(r1[c]),
-                            static_cast<acc_t>(r2[c]), static_cast<acc_t>(r3[c]), ga, gw, gh);
-            gv0[c] += coef[0] * gc;
-            gv1[c] += coef[1] * gc;
-            gv2[c] += coef[2] * gc;
-            gv3[c] += coef[3] * gc;
+          s.lh = t.lh[j];
+          s.lw = t.lw[j];
+          s.hh = acc_t(1) - s.lh;
+          s.hw = acc_t(1) - s.lw;
+        } else {
+          s = make_sample(a.loc[2 * k], a.loc[2 * k + 1], H, W);
+          if (!s.inside) {
+            grad_attn[k] = grad_loc[2 * k] = grad_loc[2 * k + 1] = acc_t(0);
+            continue;
           }
-          grad_attn[k] = ga;
-          grad_loc[2 * k] = location_grad(at, gw, W);
-          grad_loc[2 * k + 1] = location_grad(at, gh, H);
+          for (int c = 0; c < 4; ++c) {
+            const bool in = s.pixel[c] >= 0;
+            r[c] = in ? value_nm + level + s.pixel[c] * ss : a.zero;
+            gv[c] = in ? grad_value_nm + level + s.pixel[c] * ss : scratch.row.data();
+            coef[c] = at * s.weight[c];
+          }
         }
+        acc_t dot[4];
+        backward_channels<scalar_t, kD>(D, g, r, gv, coef, dot);
+        const SampleGrad<acc_t> sg = sample_grad(s, at, dot, H, W);
+        grad_attn[k] = sg.attn;
+        grad_loc[2 * k] = sg.x;
+        grad_loc[2 * k + 1] = sg.y;
       }
     }
   }
 }
 
 template <typename scalar_t>
-void backward_pair_baseline(const Args<scalar_t>& a, int64_t nm, const scalar_t* grad_out,
-                            acc_type<scalar_t>* grad_value, acc_type<scalar_t>* grad_loc,
-                            acc_type<scalar_t>* grad_attn, acc_type<scalar_t>* scratch) {
+void backward_pair_baseline(const Args<scalar_t>& a, const Levels<acc_type<scalar_t>>& lv,
+                            int64_t nm, const scalar_t* grad_out, acc_type<scalar_t>* grad_value,
+                            acc_type<scalar_t>* grad_loc, acc_type<scalar_t>* grad_attn,
+                            Scratch<acc_type<scalar_t>>& scratch) {
   if (a.d.D == 32)
-    return backward_pair<scalar_t, 32>(a, nm, grad_out, grad_value, grad_loc, grad_attn, scratch);
-  backward_pair<scalar_t, 0>(a, nm, grad_out, grad_value, grad_loc, grad_attn, scratch);
+    return backward_pair<scalar_t, 32>(a, lv, nm, grad_out, grad_value, grad_loc, grad_attn,
+                                       scratch);
+  backward_pair<scalar_t, 0>(a, lv, nm, grad_out, grad_value, grad_loc, grad_attn, scratch);
 }
 
 #ifdef CODETR_MSDA_AVX2
 template <typename scalar_t>
-CODETR_TARGET_AVX2 void backward_pair_avx2(const Args<scalar_t>& a, int64_t nm,
+CODETR_TARGET_AVX2 void backward_pair_avx2(const Args<scalar_t>& a,
+                                           const Levels<acc_type<scalar_t>>& lv, int64_t nm,
                                            const scalar_t* grad_out, acc_type<scalar_t>* grad_value,
                                            acc_type<scalar_t>* grad_loc,
                                            acc_type<scalar_t>* grad_attn,
-                                           acc_type<scalar_t>* scratch) {
+                                           Scratch<acc_type<scalar_t>>& scratch) {
   if (a.d.D == 32)
-    return backward_pair<scalar_t, 32>(a, nm, grad_out, grad_value, grad_loc, grad_attn, scratch);
-  backward_pair<scalar_t, 0>(a, nm, grad_out, grad_value, grad_loc, grad_attn, scratch);
+    return backward_pair<scalar_t, 32>(a, lv, nm, grad_out, grad_value, grad_loc, grad_attn,
+                                       scratch);
+  backward_pair<scalar_t, 0>(a, lv, nm, grad_out, grad_value, grad_loc, grad_attn, scratch);
 }
 #endif
 
@@ -298,15 +457,15 @@ void backward_kernel(const Args<scalar_t>& a, const scalar_t* grad_out,
                      acc_type<scalar_t>* grad_value, acc_type<scalar_t>* grad_loc,
                      acc_type<scalar_t>* grad_attn) {
   using acc_t = acc_type<scalar_t>;
+  const Levels<acc_t> lv(a.d, a.shapes);
   parallel_items(
-      a.d.N * a.d.M, [&] { return std::vector<acc_t>(a.d.D); },
-      [&](int64_t nm, std::vector<acc_t>& scratch) {
+      a.d.N * a.d.M, [&] { return Scratch<acc_t>(a.d); },
+      [&](int64_t nm, Scratch<acc_t>& scratch) {
 #ifdef CODETR_MSDA_AVX2
         if (cpu_has_avx2())
-          return backward_pair_avx2(a, nm, grad_out, grad_value, grad_loc, grad_attn,
-                                    scratch.data());
+          return backward_pair_avx2(a, lv, nm, grad_out, grad_value, grad_loc, grad_attn, scratch);
 #endif
-        backward_pair_baseline(a, nm, grad_out, grad_value, grad_loc, grad_attn, scratch.data());
+        backward_pair_baseline(a, lv, nm, grad_out, grad_value, grad_loc, grad_attn, scratch);
       });
 }
 

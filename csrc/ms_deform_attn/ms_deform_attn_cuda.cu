@@ -96,24 +96,21 @@ __global__ void backward_kernel(Dims d, const scalar_t* __restrict__ grad_out,
     const acc_t a = attn[k];
     const scalar_t* g = grad_out + nq * row + m * d.D;
     const int64_t base = (n * d.S + start) * row + m * d.D;
-    acc_t ga = 0, gw = 0, gh = 0;
+    acc_t dot[4] = {0, 0, 0, 0};
     for (int64_t c = 0; c < d.D; ++c) {
       const acc_t gc = static_cast<acc_t>(g[c]);
-      acc_t v[4];
       for (int corner = 0; corner < 4; ++corner) {
         if (s.pixel[corner] >= 0) {
           const int64_t idx = base + s.pixel[corner] * row + c;
-          v[corner] = static_cast<acc_t>(value[idx]);
+          dot[corner] += gc * static_cast<acc_t>(value[idx]);
           atomicAdd(grad_value + idx, a * s.weight[corner] * gc);
-        } else {
-          v[corner] = acc_t(0);
         }
       }
-      accumulate_grad(s, gc, v[0], v[1], v[2], v[3], ga, gw, gh);
     }
-    grad_attn[k] = ga;
-    grad_loc[2 * k] = location_grad(a, gw, W);
-    grad_loc[2 * k + 1] = location_grad(a, gh, H);
+    const SampleGrad<acc_t> sg = sample_grad(s, a, dot, H, W);
+    grad_attn[k] = sg.attn;
+    grad_loc[2 * k] = sg.x;
+    grad_loc[2 * k + 1] = sg.y;
   }
 }
 

@@ -80,27 +80,29 @@ CODETR_HOST_DEVICE acc_t interpolate(const Sample<acc_t>& s, acc_t v0, acc_t v1,
   return s.weight[0] * v0 + s.weight[1] * v1 + s.weight[2] * v2 + s.weight[3] * v3;
 }
 
-// Backward of one channel of one sample. g is the upstream gradient of that channel of
-// the output; v0..v3 the corner values (0 outside the map). Adds to
-//   grad_attn  d out / d attention_weight      = g * interpolated value
-//   grad_w_im  d out / d pixel x (before * a)  = g * (hh (v1 - v0) + lh (v3 - v2))
-//   grad_h_im  d out / d pixel y (before * a)  = g * (hw (v2 - v0) + lw (v3 - v1))
-// The gradient that goes to each corner of `value` is a * weight[c] * g (see
-// value_grad_weight), so it is not computed here.
+// Gradients of one sample, given its four corner dot products over the channels,
+//   dot[c] = sum_channels g * value[corner c]   (0 for a corner outside the map),
+// g being the upstream gradient of the output row. With a the attention weight:
+//   d out / d a          = sum_c weight[c] dot[c]                      (the interpolated value)
+//   d out / d location x = a W (hh (dot[1] - dot[0]) + lh (dot[3] - dot[2]))
+//   d out / d location y = a H (hw (dot[2] - dot[0]) + lw (dot[3] - dot[1]))
+// (pixel = location * size - 0.5). Four sums over the channels instead of three that each
+// need the corner differences per channel: the backward's channel loop is then four
+// multiply-adds per channel besides the grad_value updates (a * weight[c] * g per corner).
 template <typename acc_t>
-CODETR_HOST_DEVICE void accumulate_grad(const Sample<acc_t>& s, acc_t g, acc_t v0, acc_t v1,
-                                        acc_t v2, acc_t v3, acc_t& grad_attn, acc_t& grad_w_im,
-                                        acc_t& grad_h_im) {
-  grad_attn += g * interpolate(s, v0, v1, v2, v3);
-  grad_w_im += g * (s.hh * (v1 - v0) + s.lh * (v3 - v2));
-  grad_h_im += g * (s.hw * (v2 - v0) + s.lw * (v3 - v1));
-}
+struct SampleGrad {
+  acc_t attn, x, y;
+};
 
-// Chain rule from pixel coordinates back to the normalised location:
-// pixel = loc * size - 0.5, and the output is scaled by the attention weight a.
 template <typename acc_t>
-CODETR_HOST_DEVICE acc_t location_grad(acc_t a, acc_t grad_pixel, int64_t size) {
-  return a * grad_pixel * static_cast<acc_t>(size);
+CODETR_HOST_DEVICE SampleGrad<acc_t> sample_grad(const Sample<acc_t>& s, acc_t a,
+                                                 const acc_t dot[4], int64_t H, int64_t W) {
+  SampleGrad<acc_t> r;
+  r.attn = s.weight[0] * dot[0] + s.weight[1] * dot[1] + s.weight[2] * dot[2] +
+           s.weight[3] * dot[3];
+  r.x = a * (s.hh * (dot[1] - dot[0]) + s.lh * (dot[3] - dot[2])) * static_cast<acc_t>(W);
+  r.y = a * (s.hw * (dot[2] - dot[0]) + s.lw * (dot[3] - dot[1])) * static_cast<acc_t>(H);
+  return r;
 }
 
 }  // namespace msda
