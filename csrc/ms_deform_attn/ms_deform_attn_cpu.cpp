@@ -59,16 +59,53 @@ CODETR_ALWAYS_INLINE void store(T* p, const Vec<T>& v) {
   std::memcpy(p, &v, sizeof v);
 }
 
+// The lane sums of four vectors, out[c] = sum of d_c's lanes, by a transposing tree of
+// shuffles and adds (~15 instructions; summing each vector's lanes one by one took ~30).
+#if defined(__clang__)
+#define CODETR_SHUFFLE(T, a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define CODETR_SHUFFLE(T, a, b, ...) __builtin_shuffle(a, b, typename ShuffleMask<T>::type{__VA_ARGS__})
+#endif
+
 template <typename T>
-CODETR_ALWAYS_INLINE T hsum(const Vec<T>& v) {
-  typedef T Half __attribute__((vector_size(16)));
-  Half lo, hi;
-  std::memcpy(&lo, &v, sizeof lo);
-  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
-  lo += hi;
-  T s = lo[0];
-  for (int64_t i = 1; i < kLanes<T> / 2; ++i) s += lo[i];
-  return s;
+struct ShuffleMask;
+template <>
+struct ShuffleMask<float> {
+  typedef int32_t type __attribute__((vector_size(32)));
+};
+template <>
+struct ShuffleMask<double> {
+  typedef int64_t type __attribute__((vector_size(32)));
+};
+
+CODETR_ALWAYS_INLINE void sum4(const Vec<float>& d0, const Vec<float>& d1, const Vec<float>& d2,
+                               const Vec<float>& d3, float out[4]) {
+  using T = float;
+  // [d0's 4 half sums | d1's], [d2's | d3's]
+  const Vec<T> t0 = CODETR_SHUFFLE(T, d0, d1, 0, 1, 2, 3, 8, 9, 10, 11) +
+                    CODETR_SHUFFLE(T, d0, d1, 4, 5, 6, 7, 12, 13, 14, 15);
+  const Vec<T> t1 = CODETR_SHUFFLE(T, d2, d3, 0, 1, 2, 3, 8, 9, 10, 11) +
+                    CODETR_SHUFFLE(T, d2, d3, 4, 5, 6, 7, 12, 13, 14, 15);
+  // [d0 d0 d2 d2 | d1 d1 d3 d3] (two partial sums each, within 128-bit halves)
+  const Vec<T> u = CODETR_SHUFFLE(T, t0, t1, 0, 1, 8, 9, 4, 5, 12, 13) +
+                   CODETR_SHUFFLE(T, t0, t1, 2, 3, 10, 11, 6, 7, 14, 15);
+  const Vec<T> w = u + CODETR_SHUFFLE(T, u, u, 1, 0, 3, 2, 5, 4, 7, 6);
+  out[0] = w[0];
+  out[1] = w[4];
+  out[2] = w[2];
+  out[3] = w[6];
+}
+
+CODETR_ALWAYS_INLINE void sum4(const Vec<double>& d0, const Vec<double>& d1,
+                               const Vec<double>& d2, const Vec<double>& d3, double out[4]) {
+  using T = double;
+  const Vec<T> t0 = CODETR_SHUFFLE(T, d0, d1, 0, 1, 4, 5) + CODETR_SHUFFLE(T, d0, d1, 2, 3, 6, 7);
+  const Vec<T> t1 = CODETR_SHUFFLE(T, d2, d3, 0, 1, 4, 5) + CODETR_SHUFFLE(T, d2, d3, 2, 3, 6, 7);
+  const Vec<T> u = CODETR_SHUFFLE(T, t0, t1, 0, 4, 2, 6) + CODETR_SHUFFLE(T, t0, t1, 1, 5, 3, 7);
+  out[0] = u[0];
+  out[1] = u[2];
+  out[2] = u[1];
+  out[3] = u[3];
 }
 
 template <typename scalar_t>
@@ -179,7 +216,7 @@ CODETR_ALWAYS_INLINE void make_taps(const Levels<acc_t>& lv, const acc_t* __rest
 // Per-thread scratch of the kernels.
 template <typename acc_t>
 struct Scratch {
-  Scratch(const Dims& d) : taps(d.L * d.P), row(d.D) {}
+  explicit Scratch(const Dims& d) : taps(d.L * d.P), row(d.D) {}
   Taps<acc_t> taps;
   std::vector<acc_t> row;  // [D]: forward sums when D is not fixed; backward's write sink
 };
@@ -205,6 +242,16 @@ CODETR_ALWAYS_INLINE void prefetch_ahead(const Args<scalar_t>& a, int64_t k, int
 #endif
 }
 
+// sum += w0 r0 + w1 r1 + w2 r2 + w3 r3 over the D channels of four corner rows.
+template <typename scalar_t, typename acc_t>
+CODETR_ALWAYS_INLINE void add_sample(int64_t D, acc_t* __restrict sum, const scalar_t* r0,
+                                    const scalar_t* r1, const scalar_t* r2, const scalar_t* r3,
+                                    acc_t w0, acc_t w1, acc_t w2, acc_t w3) {
+  for (int64_t c = 0; c < D; ++c) {
+    sum[c] += w0 * static_cast<acc_t>(r0[c]) + w1 * static_cast<acc_t>(r1[c]) +
+              w2 * static_cast<acc_t>(r2[c]) + w3 * static_cast<acc_t>(r3[c]);
+  }
+}
 
 // Forward of one work item: (batch n, head m, block of queries); items are numbered with
 // the block fastest, so the threads sweep one head's maps at a time, and a block's queries
@@ -213,16 +260,15 @@ CODETR_ALWAYS_INLINE void prefetch_ahead(const Args<scalar_t>& a, int64_t k, int
 // record (L P samples), prepared by make_taps; its sums stay in registers (kD) over all of
 // them, and its output row is written once. (Level outer, query inner, kept the block's
 // sums in a scratch buffer and read each record in L pieces: case A's forward took ~15%
-// longer.) Each sample's weights are applied to all D channels in a loop the compiler
-// vectorizes. Corners outside the map read the zero row with weight 0, so the channel loop
+// longer.) Corners outside the map read the zero row with weight 0, so the channel loop
 // has no branches (and an inf elsewhere in `value` cannot leak in as 0 * inf).
 // kD > 0 fixes D at compile time (kD == d.D): the query's kD sums then live in registers
 // instead of making a store-to-load round trip through memory per sample (the hottest
 // instructions in perf before). D = 32: the paper's 256 channels over 8 heads.
 template <typename scalar_t, int64_t kD>
-CODETR_ALWAYS_INLINE void forward_block(const Args<scalar_t>& a, const Levels<acc_type<scalar_t>>& lv,
-                                        int64_t item, scalar_t* out,
-                                        Scratch<acc_type<scalar_t>>& scratch) {
+CODETR_ALWAYS_INLINE void forward_block(const Args<scalar_t>& a,
+                                        const Levels<acc_type<scalar_t>>& lv, int64_t item,
+                                        scalar_t* out, Scratch<acc_type<scalar_t>>& scratch) {
   using acc_t = acc_type<scalar_t>;
   const Dims& d = a.d;
   const int64_t D = kD > 0 ? kD : d.D;
@@ -234,7 +280,11 @@ CODETR_ALWAYS_INLINE void forward_block(const Args<scalar_t>& a, const Levels<ac
   const int64_t q_end = std::min(q_begin + kBlock, d.Q);
   const scalar_t* value_nm = a.value + n * a.sn + m * a.sm;
   const int64_t ss = a.ss;
-  const Taps<acc_t>& t = scratch.taps;
+  const int32_t* pixel = scratch.taps.pixel.data();
+  const acc_t* aw0 = scratch.taps.attn_weight[0].data();
+  const acc_t* aw1 = scratch.taps.attn_weight[1].data();
+  const acc_t* aw2 = scratch.taps.attn_weight[2].data();
+  const acc_t* aw3 = scratch.taps.attn_weight[3].data();
   for (int64_t q = q_begin; q < q_end; ++q) {
     acc_t local[kD > 0 ? kD : 1];
     acc_t* __restrict sum = kD > 0 ? local : scratch.row.data();
@@ -245,35 +295,21 @@ CODETR_ALWAYS_INLINE void forward_block(const Args<scalar_t>& a, const Levels<ac
     for (int64_t l = 0, j = 0; l < d.L; ++l) {
       const int64_t H = a.shapes[2 * l], W = a.shapes[2 * l + 1];
       const scalar_t* level = value_nm + a.starts[l] * ss;
+      const int64_t dy = W * ss;  // from a corner to the one below it
       for (int64_t p = 0; p < d.P; ++p, ++j) {
-        const scalar_t *r0, *r1, *r2, *r3;
-        acc_t w0, w1, w2, w3;
-        if (t.pixel[j] >= 0) {
-          r0 = level + t.pixel[j] * ss;
-          r1 = r0 + ss;
-          r2 = r0 + W * ss;
-          r3 = r2 + ss;
-          w0 = t.attn_weight[0][j];
-          w1 = t.attn_weight[1][j];
-          w2 = t.attn_weight[2][j];
-          w3 = t.attn_weight[3][j];
-        } else {
-          const int64_t k = k0 + j;
-          const Sample<acc_t> s = make_sample(a.loc[2 * k], a.loc[2 * k + 1], H, W);
-          if (!s.inside) continue;
-          r0 = s.pixel[0] >= 0 ? level + s.pixel[0] * ss : a.zero;
-          r1 = s.pixel[1] >= 0 ? level + s.pixel[1] * ss : a.zero;
-          r2 = s.pixel[2] >= 0 ? level + s.pixel[2] * ss : a.zero;
-          r3 = s.pixel[3] >= 0 ? level + s.pixel[3] * ss : a.zero;
-          w0 = a.attn[k] * s.weight[0];
-          w1 = a.attn[k] * s.weight[1];
-          w2 = a.attn[k] * s.weight[2];
-          w3 = a.attn[k] * s.weight[3];
+        if (pixel[j] >= 0) {
+          const scalar_t* r = level + pixel[j] * ss;
+          add_sample(D, sum, r, r + ss, r + dy, r + dy + ss, aw0[j], aw1[j], aw2[j], aw3[j]);
+          continue;
         }
-        for (int64_t c = 0; c < D; ++c) {
-          sum[c] += w0 * static_cast<acc_t>(r0[c]) + w1 * static_cast<acc_t>(r1[c]) +
-                    w2 * static_cast<acc_t>(r2[c]) + w3 * static_cast<acc_t>(r3[c]);
-        }
+        const int64_t k = k0 + j;
+        const Sample<acc_t> s = make_sample(a.loc[2 * k], a.loc[2 * k + 1], H, W);
+        if (!s.inside) continue;
+        const scalar_t* r[4];
+        for (int c = 0; c < 4; ++c) r[c] = s.pixel[c] >= 0 ? level + s.pixel[c] * ss : a.zero;
+        const acc_t at = a.attn[k];
+        add_sample(D, sum, r[0], r[1], r[2], r[3], at * s.weight[0], at * s.weight[1],
+                   at * s.weight[2], at * s.weight[3]);
       }
     }
     scalar_t* o = out + (n * d.Q + q) * row + m * D;
@@ -313,43 +349,43 @@ void forward_kernel(const Args<scalar_t>& a, scalar_t* out) {
       });
 }
 
-// The backward's channel loop for one sample: dot[c] = sum over channels of g * r_c (the
-// four sums of sample_grad) and gv_c += coef[c] * g. Whole vectors of channels, then the
-// last D % kLanes one by one. The gv_c may alias (corners outside the map all write into
-// the same sink row), so each row's update is a plain load-add-store.
-template <typename scalar_t, int64_t kD>
-CODETR_ALWAYS_INLINE void backward_channels(int64_t D, const scalar_t* g,
-                                            const scalar_t* const r[4],
-                                            acc_type<scalar_t>* const gv[4],
-                                            const acc_type<scalar_t> coef[4],
-                                            acc_type<scalar_t> dot[4]) {
-  using acc_t = acc_type<scalar_t>;
+// The backward's channel loop for one sample with corner rows r0..r3 (grad_value rows
+// gv0..gv3): dot[c] = sum over channels of g * r_c (the four sums of sample_grad), and
+// gv_c += coef_c * g. Whole vectors of channels, then the last D % kLanes one by one. The
+// gv_c may alias (corners outside the map all write into one sink row), so each row's
+// update is a plain load-add-store.
+template <typename scalar_t, typename acc_t>
+CODETR_ALWAYS_INLINE void backward_sample(int64_t D, const scalar_t* g, const scalar_t* r0,
+                                          const scalar_t* r1, const scalar_t* r2,
+                                          const scalar_t* r3, acc_t* gv0, acc_t* gv1,
+                                          acc_t* gv2, acc_t* gv3, acc_t coef0, acc_t coef1,
+                                          acc_t coef2, acc_t coef3, acc_t dot[4]) {
   using V = Vec<acc_t>;
   constexpr int64_t kL = kLanes<acc_t>;
-  if (kD > 0) D = kD;
   V d0 = {}, d1 = {}, d2 = {}, d3 = {};
   int64_t c = 0;
   for (; c + kL <= D; c += kL) {
     const V gc = load<acc_t>(g + c);
-    d0 += gc * load<acc_t>(r[0] + c);
-    d1 += gc * load<acc_t>(r[1] + c);
-    d2 += gc * load<acc_t>(r[2] + c);
-    d3 += gc * load<acc_t>(r[3] + c);
-    store<acc_t>(gv[0] + c, load<acc_t>(gv[0] + c) + coef[0] * gc);
-    store<acc_t>(gv[1] + c, load<acc_t>(gv[1] + c) + coef[1] * gc);
-    store<acc_t>(gv[2] + c, load<acc_t>(gv[2] + c) + coef[2] * gc);
-    store<acc_t>(gv[3] + c, load<acc_t>(gv[3] + c) + coef[3] * gc);
+    d0 += gc * load<acc_t>(r0 + c);
+    d1 += gc * load<acc_t>(r1 + c);
+    d2 += gc * load<acc_t>(r2 + c);
+    d3 += gc * load<acc_t>(r3 + c);
+    store<acc_t>(gv0 + c, load<acc_t>(gv0 + c) + coef0 * gc);
+    store<acc_t>(gv1 + c, load<acc_t>(gv1 + c) + coef1 * gc);
+    store<acc_t>(gv2 + c, load<acc_t>(gv2 + c) + coef2 * gc);
+    store<acc_t>(gv3 + c, load<acc_t>(gv3 + c) + coef3 * gc);
   }
-  dot[0] = hsum<acc_t>(d0);
-  dot[1] = hsum<acc_t>(d1);
-  dot[2] = hsum<acc_t>(d2);
-  dot[3] = hsum<acc_t>(d3);
+  sum4(d0, d1, d2, d3, dot);
   for (; c < D; ++c) {
     const acc_t gc = static_cast<acc_t>(g[c]);
-    for (int corner = 0; corner < 4; ++corner) {
-      dot[corner] += gc * static_cast<acc_t>(r[corner][c]);
-      gv[corner][c] += coef[corner] * gc;
-    }
+    dot[0] += gc * static_cast<acc_t>(r0[c]);
+    dot[1] += gc * static_cast<acc_t>(r1[c]);
+    dot[2] += gc * static_cast<acc_t>(r2[c]);
+    dot[3] += gc * static_cast<acc_t>(r3[c]);
+    gv0[c] += coef0 * gc;
+    gv1[c] += coef1 * gc;
+    gv2[c] += coef2 * gc;
+    gv3[c] += coef3 * gc;
   }
 }
 
@@ -357,13 +393,14 @@ CODETR_ALWAYS_INLINE void backward_channels(int64_t D, const scalar_t* g,
 // every grad_value element is written by one thread, in query order: the result is
 // bitwise identical whatever the number of threads, with no atomics and no private
 // copies. Query by query as in the forward (one make_taps per record); per sample, one
-// pass over the channels (backward_channels) gives the sums of sample_grad and scatters
+// pass over the channels (backward_sample) gives the sums of sample_grad and scatters
 // into the four corners' grad_value rows. Corners outside the map read the zero row and
 // write into the sink row, with weight 0. kD as in forward_block.
 template <typename scalar_t, int64_t kD>
-CODETR_ALWAYS_INLINE void backward_pair(const Args<scalar_t>& a, const Levels<acc_type<scalar_t>>& lv,
-                                        int64_t nm, const scalar_t* grad_out,
-                                        acc_type<scalar_t>* grad_value, acc_type<scalar_t>* grad_loc,
+CODETR_ALWAYS_INLINE void backward_pair(const Args<scalar_t>& a,
+                                        const Levels<acc_type<scalar_t>>& lv, int64_t nm,
+                                        const scalar_t* grad_out, acc_type<scalar_t>* grad_value,
+                                        acc_type<scalar_t>* grad_loc,
                                         acc_type<scalar_t>* grad_attn,
                                         Scratch<acc_type<scalar_t>>& scratch) {
   using acc_t = acc_type<scalar_t>;
@@ -375,6 +412,7 @@ CODETR_ALWAYS_INLINE void backward_pair(const Args<scalar_t>& a, const Levels<ac
   const scalar_t* value_nm = a.value + n * a.sn + m * a.sm;
   acc_t* grad_value_nm = grad_value + n * a.sn + m * a.sm;
   const Taps<acc_t>& t = scratch.taps;
+  const int32_t* pixel = t.pixel.data();
   for (int64_t q = 0; q < d.Q; ++q) {
     const scalar_t* g = grad_out + (n * d.Q + q) * row + m * D;
     const int64_t k0 = ((n * d.Q + q) * d.M + m) * d.L * d.P;  // sample (n, q, m, 0, 0)
@@ -382,22 +420,20 @@ CODETR_ALWAYS_INLINE void backward_pair(const Args<scalar_t>& a, const Levels<ac
     make_taps(lv, a.loc + 2 * k0, a.attn + k0, scratch.taps);
     for (int64_t l = 0, j = 0; l < d.L; ++l) {
       const int64_t H = a.shapes[2 * l], W = a.shapes[2 * l + 1];
-      const int64_t level = a.starts[l] * ss;
+      const scalar_t* value_l = value_nm + a.starts[l] * ss;
+      acc_t* grad_value_l = grad_value_nm + a.starts[l] * ss;
+      const int64_t dy = W * ss;  // from a corner to the one below it
       for (int64_t p = 0; p < d.P; ++p, ++j) {
         const int64_t k = k0 + j;
-        const acc_t at = a.attn[k];
         Sample<acc_t> s;
-        const scalar_t* r[4];
-        acc_t* gv[4];
-        acc_t coef[4];
-        if (t.pixel[j] >= 0) {
-          const int64_t offset[4] = {0, ss, W * ss, (W + 1) * ss};
-          for (int c = 0; c < 4; ++c) {
-            r[c] = value_nm + level + t.pixel[j] * ss + offset[c];
-            gv[c] = grad_value_nm + level + t.pixel[j] * ss + offset[c];
-            s.weight[c] = t.weight[c][j];
-            coef[c] = t.attn_weight[c][j];
-          }
+        acc_t dot[4];
+        if (pixel[j] >= 0) {
+          const scalar_t* r = value_l + pixel[j] * ss;
+          acc_t* gv = grad_value_l + pixel[j] * ss;
+          backward_sample(D, g, r, r + ss, r + dy, r + dy + ss, gv, gv + ss, gv + dy,
+                          gv + dy + ss, t.attn_weight[0][j], t.attn_weight[1][j],
+                          t.attn_weight[2][j], t.attn_weight[3][j], dot);
+          for (int c = 0; c < 4; ++c) s.weight[c] = t.weight[c][j];
           s.lh = t.lh[j];
           s.lw = t.lw[j];
           s.hh = acc_t(1) - s.lh;
@@ -408,16 +444,19 @@ CODETR_ALWAYS_INLINE void backward_pair(const Args<scalar_t>& a, const Levels<ac
             grad_attn[k] = grad_loc[2 * k] = grad_loc[2 * k + 1] = acc_t(0);
             continue;
           }
+          const scalar_t* r[4];
+          acc_t* gv[4];
           for (int c = 0; c < 4; ++c) {
             const bool in = s.pixel[c] >= 0;
-            r[c] = in ? value_nm + level + s.pixel[c] * ss : a.zero;
-            gv[c] = in ? grad_value_nm + level + s.pixel[c] * ss : scratch.row.data();
-            coef[c] = at * s.weight[c];
+            r[c] = in ? value_l + s.pixel[c] * ss : a.zero;
+            gv[c] = in ? grad_value_l + s.pixel[c] * ss : scratch.row.data();
           }
+          const acc_t at = a.attn[k];
+          backward_sample(D, g, r[0], r[1], r[2], r[3], gv[0], gv[1], gv[2], gv[3],
+                          at * s.weight[0], at * s.weight[1], at * s.weight[2],
+                          at * s.weight[3], dot);
         }
-        acc_t dot[4];
-        backward_channels<scalar_t, kD>(D, g, r, gv, coef, dot);
-        const SampleGrad<acc_t> sg = sample_grad(s, at, dot, H, W);
+        const SampleGrad<acc_t> sg = sample_grad(s, a.attn[k], dot, H, W);
         grad_attn[k] = sg.attn;
         grad_loc[2 * k] = sg.x;
         grad_loc[2 * k + 1] = sg.y;
