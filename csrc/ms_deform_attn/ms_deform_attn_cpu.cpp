@@ -33,7 +33,11 @@ bool cpu_has_avx2() {
 // build of a function, two xmm registers in the baseline build. Used where the compiler's
 // own vectorization fell short: the backward's per-sample sums over the channels (written
 // as plain loops with `omp simd` reductions they took ~40 of its ~250 instructions per
-// sample).
+// sample). The helpers are always inlined, so no vector crosses a call: GCC's warning that
+// such a return would change the ABI without AVX does not apply.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 template <typename T>
 struct VecOf {
   typedef T type __attribute__((vector_size(32)));
@@ -164,8 +168,9 @@ struct Taps {
 // make_sample's arithmetic for a whole record at once, in a loop the compiler vectorizes
 // (8 samples per instruction in fp32 under AVX2): no branches, and coordinates clamped
 // (NaN to 0) before the integer conversions so that every lane's conversion is defined.
-// Done one sample at a time, make_sample's tests and pointer selection were about 60 of
-// the forward's ~86 instructions per sample.
+// (One sample at a time, the coordinate work sat between the channel loops of consecutive
+// samples; here the kernels' per-sample work is a table lookup. Case C, alternating
+// processes, with the backward below: forward min 13.1 -> 10.9 ms.)
 template <typename acc_t>
 CODETR_ALWAYS_INLINE void make_taps(const Levels<acc_t>& lv, const acc_t* __restrict loc,
                                     const acc_t* __restrict attn, Taps<acc_t>& t) {
