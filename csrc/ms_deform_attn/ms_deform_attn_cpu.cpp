@@ -112,56 +112,101 @@ CODETR_ALWAYS_INLINE void sum4(const Vec<double>& d0, const Vec<double>& d1,
   out[3] = u[3];
 }
 
+// Where the kernels find level l of one head's maps: it starts `start[l]` positions into
+// the head's slice of value, and its rows are `stride[l]` positions apart.
+// Padded (the head-major copy of kernel_value): each level is stored with a border of
+// zeros, a column on either side, a row above and two below, (H + 3) x (W + 2) positions
+// with pixel (y, x) at (y + 1, x + 1). Every sample that touches the map then has its four
+// corners in the stored block (the border reads as the zeros outside the map), and a
+// sample off the map reads the two zero rows at the bottom: make_taps gives every sample
+// one pixel, and the kernels take no branch per sample. (Without the border a quarter of
+// case C's samples, those near the edges of its small levels, went through make_sample
+// behind a mispredicted branch.) Unpadded: the maps as they lie in value.
+struct Layout {
+  Layout(const Dims& d, const int64_t* shapes, bool padded_) : padded(padded_), positions(0) {
+    const int64_t pad = padded ? 1 : 0;
+    for (int64_t l = 0; l < d.L; ++l) {
+      H.push_back(shapes[2 * l]);
+      W.push_back(shapes[2 * l + 1]);
+      map_start.push_back(l == 0 ? 0 : map_start[l - 1] + H[l - 1] * W[l - 1]);
+      start.push_back(positions);
+      stride.push_back(W[l] + 2 * pad);
+      positions += (H[l] + 3 * pad) * stride[l];
+    }
+  }
+  // Whether the padded layout's positions fit the int32 pixels of make_taps.
+  static bool fits_padded(const Dims& d, const int64_t* shapes) {
+    int64_t positions = 0;
+    for (int64_t l = 0; l < d.L; ++l) positions += (shapes[2 * l] + 3) * (shapes[2 * l + 1] + 2);
+    return positions < (int64_t{1} << 31);
+  }
+  bool padded;
+  int64_t positions;  // per head: S, or the padded total
+  std::vector<int64_t> H, W, start, stride;
+  std::vector<int64_t> map_start;  // the level's first position in value, [N, S, M, D]
+};
+
 template <typename scalar_t>
 struct Args {
   using acc_t = acc_type<scalar_t>;
   Dims d;
-  const scalar_t* value;  // [N, S, M, D] with strides sn, ss, sm and 1 (see kernel_value)
+  const Layout& layout;
+  const scalar_t* value;  // [N, positions, M, D] with strides sn, ss, sm and 1 (kernel_value)
   int64_t sn, ss, sm;     // element strides of value (and of the grad_value accumulator)
-  const int64_t* shapes;  // [L, 2]
-  const int64_t* starts;  // [L]
   const acc_t* loc;       // [N, Q, M, L, P, 2]
   const acc_t* attn;      // [N, Q, M, L, P]
-  const scalar_t* zero;   // [D] zeros: the row read for corners outside the map
+  const scalar_t* zero;   // [D] zeros: the row read for corners outside an unpadded map
 };
 
-// The sizes make_taps needs for sample j = l * P + p of a record, fixed for a call.
-// h_max, w_max: H - 1, W - 1, the bounds of an interior sample (all four corners on the
-// map); 0 for a level whose pixel indices would not fit 32 bits, so that none of its
-// samples counts as interior.
+// The sizes make_taps needs for sample j = l * P + p of a record, fixed for a call, in
+// coordinates shifted by the layout's padding (pad = 1: the border is row and column 0).
+// h_lim, w_lim: the bounds of a sample whose four corners lie in the stored block, H + 1
+// and W + 1 padded (H - 1 and W - 1 unpadded; 0 when a head's positions would not fit 32
+// bits, so that no sample counts). base: the level's first position in a head's slice;
+// stride: its row stride; outside: the pixel of a sample off the map, the zero rows of a
+// padded level, -1 unpadded (make_sample then).
 template <typename acc_t>
 struct Levels {
-  Levels(const Dims& d, const int64_t* shapes) {
+  explicit Levels(const Dims& d, const Layout& layout)
+      : pad(layout.padded ? acc_t(1) : acc_t(0)) {
+    const bool fits = layout.positions < (int64_t{1} << 31);
+    const int64_t pad_ = layout.padded ? 1 : 0;
     for (int64_t l = 0; l < d.L; ++l) {
-      const int64_t H = shapes[2 * l], W = shapes[2 * l + 1];
-      const bool fits = H * W < (int64_t{1} << 31);
+      const int64_t H = layout.H[l], W = layout.W[l];
       for (int64_t p = 0; p < d.P; ++p) {
         h.push_back(static_cast<acc_t>(H));
         w.push_back(static_cast<acc_t>(W));
-        h_max.push_back(fits ? static_cast<acc_t>(H - 1) : acc_t(0));
-        w_max.push_back(fits ? static_cast<acc_t>(W - 1) : acc_t(0));
-        w_int.push_back(fits ? static_cast<int32_t>(W) : 0);
+        h_lim.push_back(fits ? static_cast<acc_t>(H - 1 + 2 * pad_) : acc_t(0));
+        w_lim.push_back(fits ? static_cast<acc_t>(W - 1 + 2 * pad_) : acc_t(0));
+        base.push_back(fits ? static_cast<int32_t>(layout.start[l]) : 0);
+        stride.push_back(fits ? static_cast<int32_t>(layout.stride[l]) : 0);
+        outside.push_back(layout.padded ? static_cast<int32_t>(layout.start[l] + (H + 1) * layout.stride[l])
+                                        : -1);
+        level.push_back(static_cast<int32_t>(l));
       }
     }
   }
-  std::vector<acc_t> h, w, h_max, w_max;
-  std::vector<int32_t> w_int;
+  acc_t pad;
+  std::vector<acc_t> h, w, h_lim, w_lim;
+  std::vector<int32_t> base, stride, outside, level;
 };
 
-// The L P samples of one (query, head) record, prepared together by make_taps. For an
-// interior sample j: pixel[j], its corner 0 (h_low * W + w_low) within the level, its
+// The L P samples of one (query, head) record, prepared together by make_taps. Sample j:
+// pixel[j], the position of its corner 0 in the head's slice (layout coordinates), its
 // bilinear weights with (attn_weight) and without (weight) the attention weight, and its
-// fractional parts lh, lw. pixel[j] = -1 for any other sample, which goes through
-// make_sample.
+// fractional parts lh, lw. Only in an unpadded layout can pixel[j] be -1: a sample with a
+// corner off the map, which then goes through make_sample. live[0, count): the samples
+// that can contribute, in order; a padded layout leaves out those off the map.
 template <typename acc_t>
 struct Taps {
-  explicit Taps(int64_t n) : pixel(n), lh(n), lw(n) {
+  explicit Taps(int64_t n) : pixel(n), live(n), lh(n), lw(n) {
     for (int c = 0; c < 4; ++c) {
       weight[c].resize(n);
       attn_weight[c].resize(n);
     }
   }
-  std::vector<int32_t> pixel;
+  std::vector<int32_t> pixel, live;
+  int64_t count = 0;
   std::vector<acc_t> weight[4], attn_weight[4], lh, lw;
 };
 
@@ -170,16 +215,22 @@ struct Taps {
 // (NaN to 0) before the integer conversions so that every lane's conversion is defined.
 // (One sample at a time, the coordinate work sat between the channel loops of consecutive
 // samples; here the kernels' per-sample work is a table lookup. Case C, alternating
-// processes, with the backward below: forward min 13.1 -> 10.9 ms.)
+// processes, with the backward below: forward min 13.1 -> 10.9 ms.) Then the list of live
+// samples: skipping the others by a branch in the kernels mispredicted (a sixth of case
+// C's samples are off the map, at random), and in the backward their updates of the zero
+// rows made a chain of dependent read-modify-writes.
 template <typename acc_t>
 CODETR_ALWAYS_INLINE void make_taps(const Levels<acc_t>& lv, const acc_t* __restrict loc,
                                     const acc_t* __restrict attn, Taps<acc_t>& t) {
   const int64_t n = static_cast<int64_t>(lv.h.size());
+  const acc_t shift = lv.pad - acc_t(0.5);  // pixel = loc * size - 0.5, then + pad
   const acc_t* __restrict h = lv.h.data();
   const acc_t* __restrict w = lv.w.data();
-  const acc_t* __restrict h_max = lv.h_max.data();
-  const acc_t* __restrict w_max = lv.w_max.data();
-  const int32_t* __restrict w_int = lv.w_int.data();
+  const acc_t* __restrict h_lim = lv.h_lim.data();
+  const acc_t* __restrict w_lim = lv.w_lim.data();
+  const int32_t* __restrict base = lv.base.data();
+  const int32_t* __restrict stride = lv.stride.data();
+  const int32_t* __restrict outside = lv.outside.data();
   int32_t* __restrict pixel = t.pixel.data();
   acc_t* __restrict lh_out = t.lh.data();
   acc_t* __restrict lw_out = t.lw.data();
@@ -195,16 +246,15 @@ CODETR_ALWAYS_INLINE void make_taps(const Levels<acc_t>& lv, const acc_t* __rest
   // test the 16 arrays for overlap, exceed its limit on such tests and not vectorize.
 #pragma GCC ivdep
   for (int64_t j = 0; j < n; ++j) {
-    const acc_t h_im = loc[2 * j + 1] * h[j] - acc_t(0.5);
-    const acc_t w_im = loc[2 * j] * w[j] - acc_t(0.5);
-    const int32_t interior = (h_im >= acc_t(0)) & (w_im >= acc_t(0)) & (h_im < h_max[j]) &
-                             (w_im < w_max[j]);
-    const acc_t hc = std::min(h_max[j], std::max(acc_t(0), h_im));
-    const acc_t wc = std::min(w_max[j], std::max(acc_t(0), w_im));
-    const int32_t h_low = static_cast<int32_t>(hc), w_low = static_cast<int32_t>(wc);  // floor
-    const acc_t lh = hc - static_cast<acc_t>(h_low), lw = wc - static_cast<acc_t>(w_low);
+    const acc_t y = loc[2 * j + 1] * h[j] + shift;
+    const acc_t x = loc[2 * j] * w[j] + shift;
+    const int32_t in = (y >= acc_t(0)) & (x >= acc_t(0)) & (y < h_lim[j]) & (x < w_lim[j]);
+    const acc_t yc = std::min(h_lim[j], std::max(acc_t(0), y));
+    const acc_t xc = std::min(w_lim[j], std::max(acc_t(0), x));
+    const int32_t y_low = static_cast<int32_t>(yc), x_low = static_cast<int32_t>(xc);  // floor
+    const acc_t lh = yc - static_cast<acc_t>(y_low), lw = xc - static_cast<acc_t>(x_low);
     const acc_t hh = acc_t(1) - lh, hw = acc_t(1) - lw, a = attn[j];
-    pixel[j] = (h_low * w_int[j] + w_low) | (interior - 1);  // -1 unless interior
+    pixel[j] = in ? base[j] + y_low * stride[j] + x_low : outside[j];
     lh_out[j] = lh;
     lw_out[j] = lw;
     w0[j] = hh * hw;
@@ -216,6 +266,13 @@ CODETR_ALWAYS_INLINE void make_taps(const Levels<acc_t>& lv, const acc_t* __rest
     aw2[j] = a * w2[j];
     aw3[j] = a * w3[j];
   }
+  int32_t* __restrict live = t.live.data();
+  int64_t count = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    live[count] = static_cast<int32_t>(j);
+    count += (pixel[j] != outside[j]) | (outside[j] < 0);  // off a padded map: not live
+  }
+  t.count = count;
 }
 
 // Per-thread scratch of the kernels.
@@ -286,6 +343,8 @@ CODETR_ALWAYS_INLINE void forward_block(const Args<scalar_t>& a,
   const scalar_t* value_nm = a.value + n * a.sn + m * a.sm;
   const int64_t ss = a.ss;
   const int32_t* pixel = scratch.taps.pixel.data();
+  const int32_t* live = scratch.taps.live.data();
+  const int32_t* stride = lv.stride.data();
   const acc_t* aw0 = scratch.taps.attn_weight[0].data();
   const acc_t* aw1 = scratch.taps.attn_weight[1].data();
   const acc_t* aw2 = scratch.taps.attn_weight[2].data();
@@ -297,25 +356,24 @@ CODETR_ALWAYS_INLINE void forward_block(const Args<scalar_t>& a,
     const int64_t k0 = ((n * d.Q + q) * d.M + m) * d.L * d.P;  // sample (n, q, m, 0, 0)
     prefetch_ahead(a, k0, q_end - q);
     make_taps(lv, a.loc + 2 * k0, a.attn + k0, scratch.taps);
-    for (int64_t l = 0, j = 0; l < d.L; ++l) {
-      const int64_t H = a.shapes[2 * l], W = a.shapes[2 * l + 1];
-      const scalar_t* level = value_nm + a.starts[l] * ss;
-      const int64_t dy = W * ss;  // from a corner to the one below it
-      for (int64_t p = 0; p < d.P; ++p, ++j) {
-        if (pixel[j] >= 0) {
-          const scalar_t* r = level + pixel[j] * ss;
-          add_sample(D, sum, r, r + ss, r + dy, r + dy + ss, aw0[j], aw1[j], aw2[j], aw3[j]);
-          continue;
-        }
-        const int64_t k = k0 + j;
-        const Sample<acc_t> s = make_sample(a.loc[2 * k], a.loc[2 * k + 1], H, W);
-        if (!s.inside) continue;
-        const scalar_t* r[4];
-        for (int c = 0; c < 4; ++c) r[c] = s.pixel[c] >= 0 ? level + s.pixel[c] * ss : a.zero;
-        const acc_t at = a.attn[k];
-        add_sample(D, sum, r[0], r[1], r[2], r[3], at * s.weight[0], at * s.weight[1],
-                   at * s.weight[2], at * s.weight[3]);
+    for (int64_t i = 0; i < scratch.taps.count; ++i) {
+      const int64_t j = live[i];
+      if (pixel[j] >= 0) {
+        const scalar_t* r = value_nm + pixel[j] * ss;
+        const int64_t dy = stride[j] * ss;  // from a corner to the one below it
+        add_sample(D, sum, r, r + ss, r + dy, r + dy + ss, aw0[j], aw1[j], aw2[j], aw3[j]);
+        continue;
       }
+      // An unpadded layout's sample with a corner off the map.
+      const int64_t k = k0 + j, l = lv.level[j], H = a.layout.H[l], W = a.layout.W[l];
+      const Sample<acc_t> s = make_sample(a.loc[2 * k], a.loc[2 * k + 1], H, W);
+      if (!s.inside) continue;
+      const scalar_t* level = value_nm + a.layout.start[l] * ss;
+      const scalar_t* r[4];
+      for (int c = 0; c < 4; ++c) r[c] = s.pixel[c] >= 0 ? level + s.pixel[c] * ss : a.zero;
+      const acc_t at = a.attn[k];
+      add_sample(D, sum, r[0], r[1], r[2], r[3], at * s.weight[0], at * s.weight[1],
+                 at * s.weight[2], at * s.weight[3]);
     }
     scalar_t* o = out + (n * d.Q + q) * row + m * D;
     for (int64_t c = 0; c < D; ++c) o[c] = static_cast<scalar_t>(sum[c]);
@@ -342,7 +400,7 @@ CODETR_TARGET_AVX2 void forward_block_avx2(const Args<scalar_t>& a,
 template <typename scalar_t>
 void forward_kernel(const Args<scalar_t>& a, scalar_t* out) {
   using acc_t = acc_type<scalar_t>;
-  const Levels<acc_t> lv(a.d, a.shapes);
+  const Levels<acc_t> lv(a.d, a.layout);
   const int64_t blocks = (a.d.Q + kBlock - 1) / kBlock;
   parallel_items(
       a.d.N * a.d.M * blocks, [&] { return Scratch<acc_t>(a.d); },
@@ -420,54 +478,51 @@ CODETR_ALWAYS_INLINE void backward_pair(const Args<scalar_t>& a,
   acc_t* grad_value_nm = grad_value + n * a.sn + m * a.sm;
   const Taps<acc_t>& t = scratch.taps;
   const int32_t* pixel = t.pixel.data();
+  const int32_t* live = t.live.data();
   for (int64_t q = 0; q < d.Q; ++q) {
     const scalar_t* g = grad_out + (n * d.Q + q) * row + m * D;
     const int64_t k0 = ((n * d.Q + q) * d.M + m) * d.L * d.P;  // sample (n, q, m, 0, 0)
     prefetch_ahead(a, k0, d.Q - q);
     make_taps(lv, a.loc + 2 * k0, a.attn + k0, scratch.taps);
-    for (int64_t l = 0, j = 0; l < d.L; ++l) {
-      const int64_t H = a.shapes[2 * l], W = a.shapes[2 * l + 1];
-      const scalar_t* value_l = value_nm + a.starts[l] * ss;
-      acc_t* grad_value_l = grad_value_nm + a.starts[l] * ss;
-      const int64_t dy = W * ss;  // from a corner to the one below it
-      for (int64_t p = 0; p < d.P; ++p, ++j) {
-        const int64_t k = k0 + j;
-        Sample<acc_t> s;
-        acc_t dot[4];
-        if (pixel[j] >= 0) {
-          const scalar_t* r = value_l + pixel[j] * ss;
-          acc_t* gv = grad_value_l + pixel[j] * ss;
-          backward_sample(D, g, r, r + ss, r + dy, r + dy + ss, gv, gv + ss, gv + dy,
-                          gv + dy + ss, t.attn_weight[0][j], t.attn_weight[1][j],
-                          t.attn_weight[2][j], t.attn_weight[3][j], dot);
-          for (int c = 0; c < 4; ++c) s.weight[c] = t.weight[c][j];
-          s.lh = t.lh[j];
-          s.lw = t.lw[j];
-          s.hh = acc_t(1) - s.lh;
-          s.hw = acc_t(1) - s.lw;
-        } else {
-          s = make_sample(a.loc[2 * k], a.loc[2 * k + 1], H, W);
-          if (!s.inside) {
-            grad_attn[k] = grad_loc[2 * k] = grad_loc[2 * k + 1] = acc_t(0);
-            continue;
-          }
-          const scalar_t* r[4];
-          acc_t* gv[4];
-          for (int c = 0; c < 4; ++c) {
-            const bool in = s.pixel[c] >= 0;
-            r[c] = in ? value_l + s.pixel[c] * ss : a.zero;
-            gv[c] = in ? grad_value_l + s.pixel[c] * ss : scratch.row.data();
-          }
-          const acc_t at = a.attn[k];
-          backward_sample(D, g, r[0], r[1], r[2], r[3], gv[0], gv[1], gv[2], gv[3],
-                          at * s.weight[0], at * s.weight[1], at * s.weight[2],
-                          at * s.weight[3], dot);
+    // Samples that are not live add nothing and have zero gradients.
+    std::fill(grad_attn + k0, grad_attn + k0 + d.L * d.P, acc_t(0));
+    std::fill(grad_loc + 2 * k0, grad_loc + 2 * (k0 + d.L * d.P), acc_t(0));
+    for (int64_t i = 0; i < t.count; ++i) {
+      const int64_t j = live[i], k = k0 + j, l = lv.level[j];
+      Sample<acc_t> s;
+      acc_t dot[4];
+      if (pixel[j] >= 0) {
+        const scalar_t* r = value_nm + pixel[j] * ss;
+        acc_t* gv = grad_value_nm + pixel[j] * ss;
+        const int64_t dy = lv.stride[j] * ss;  // from a corner to the one below it
+        backward_sample(D, g, r, r + ss, r + dy, r + dy + ss, gv, gv + ss, gv + dy, gv + dy + ss,
+                        t.attn_weight[0][j], t.attn_weight[1][j], t.attn_weight[2][j],
+                        t.attn_weight[3][j], dot);
+        for (int c = 0; c < 4; ++c) s.weight[c] = t.weight[c][j];
+        s.lh = t.lh[j];
+        s.lw = t.lw[j];
+        s.hh = acc_t(1) - s.lh;
+        s.hw = acc_t(1) - s.lw;
+      } else {  // an unpadded layout's sample with a corner off the map
+        s = make_sample(a.loc[2 * k], a.loc[2 * k + 1], a.layout.H[l], a.layout.W[l]);
+        if (!s.inside) continue;
+        const int64_t level = a.layout.start[l] * ss;
+        const scalar_t* r[4];
+        acc_t* gv[4];
+        for (int c = 0; c < 4; ++c) {
+          const bool in = s.pixel[c] >= 0;
+          r[c] = in ? value_nm + level + s.pixel[c] * ss : a.zero;
+          gv[c] = in ? grad_value_nm + level + s.pixel[c] * ss : scratch.row.data();
         }
-        const SampleGrad<acc_t> sg = sample_grad(s, a.attn[k], dot, H, W);
-        grad_attn[k] = sg.attn;
-        grad_loc[2 * k] = sg.x;
-        grad_loc[2 * k + 1] = sg.y;
+        const acc_t at = a.attn[k];
+        backward_sample(D, g, r[0], r[1], r[2], r[3], gv[0], gv[1], gv[2], gv[3],
+                        at * s.weight[0], at * s.weight[1], at * s.weight[2], at * s.weight[3],
+                        dot);
       }
+      const SampleGrad<acc_t> sg = sample_grad(s, a.attn[k], dot, a.layout.H[l], a.layout.W[l]);
+      grad_attn[k] = sg.attn;
+      grad_loc[2 * k] = sg.x;
+      grad_loc[2 * k + 1] = sg.y;
     }
   }
 }
@@ -503,7 +558,7 @@ void backward_kernel(const Args<scalar_t>& a, const scalar_t* grad_out,
                      acc_type<scalar_t>* grad_value, acc_type<scalar_t>* grad_loc,
                      acc_type<scalar_t>* grad_attn) {
   using acc_t = acc_type<scalar_t>;
-  const Levels<acc_t> lv(a.d, a.shapes);
+  const Levels<acc_t> lv(a.d, a.layout);
   parallel_items(
       a.d.N * a.d.M, [&] { return Scratch<acc_t>(a.d); },
       [&](int64_t nm, Scratch<acc_t>& scratch) {
@@ -515,38 +570,80 @@ void backward_kernel(const Args<scalar_t>& a, const scalar_t* grad_out,
       });
 }
 
-// src [N, A, B, D] -> dst [N, B, A, D], cast to dst_t; in parallel over (n, a). (Written
-// out because permute().contiguous() took ~4x longer on these shapes.)
-template <typename src_t, typename dst_t>
-void swap_axes(const src_t* src, dst_t* dst, int64_t N, int64_t A, int64_t B, int64_t D) {
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, B * D));
-  at::parallel_for(0, N * A, grain, [&](int64_t begin, int64_t end) {
+// value [N, S, M, D] -> the padded buffer [N, M, positions, D] of `layout` with its border
+// zeroed (kToPadded), or the buffer's map positions back into [N, S, M, D]; cast to dst_t.
+// In parallel over the stored rows (n, level, row): W positions of M D contiguous values on
+// the [N, S, M, D] side, M rows of W D values on the other. (Written out because
+// permute().contiguous() took ~4x longer on these shapes.)
+template <bool kToPadded, typename src_t, typename dst_t>
+void transpose_padded(const src_t* src, dst_t* dst, const Dims& d, const Layout& layout) {
+  std::vector<std::pair<int64_t, int64_t>> rows;  // (level, stored row) of one batch element
+  for (int64_t l = 0; l < d.L; ++l)
+    for (int64_t y = 0; y < layout.H[l] + 3; ++y) rows.emplace_back(l, y);
+  const int64_t n_rows = static_cast<int64_t>(rows.size()), MD = d.M * d.D;
+  at::parallel_for(0, d.N * n_rows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const src_t* from = src + i * B * D;
-      dst_t* to = dst + ((i / A) * B * A + i % A) * D;
-      for (int64_t b = 0; b < B; ++b, from += D, to += A * D)
-        for (int64_t c = 0; c < D; ++c) to[c] = static_cast<dst_t>(from[c]);
+      const int64_t n = i / n_rows, l = rows[i % n_rows].first, y = rows[i % n_rows].second;
+      const int64_t W = layout.W[l], stride = layout.stride[l];
+      const bool border = y == 0 || y > layout.H[l];
+      // The first stored position of this row in head 0's slice, and its map position.
+      const int64_t stored = (n * d.M * layout.positions + layout.start[l] + y * stride) * d.D;
+      const int64_t map = (n * d.S + layout.map_start[l] + (y - 1) * W) * MD;
+      const int64_t head = layout.positions * d.D;  // from one head's slice to the next
+      if (kToPadded) {
+        for (int64_t m = 0; m < d.M; ++m) {
+          dst_t* to = dst + stored + m * head;
+          if (border) {
+            std::fill(to, to + stride * d.D, dst_t(0));
+          } else {
+            std::fill(to, to + d.D, dst_t(0));
+            std::fill(to + (W + 1) * d.D, to + (W + 2) * d.D, dst_t(0));
+          }
+        }
+      }
+      if (border) continue;
+      for (int64_t x = 0; x < W; ++x) {
+        for (int64_t m = 0; m < d.M; ++m) {
+          const int64_t padded = stored + m * head + (x + 1) * d.D, plain = map + x * MD + m * d.D;
+          const src_t* from = src + (kToPadded ? plain : padded);
+          dst_t* to = dst + (kToPadded ? padded : plain);
+          for (int64_t c = 0; c < d.D; ++c) to[c] = static_cast<dst_t>(from[c]);
+        }
+      }
     }
   });
 }
 
-// The value the kernels read: [N, S, M, D] indexed, channels contiguous, in one of two
-// layouts. Head-major (a view of an [N, M, S, D] buffer): each head's maps contiguous, a
-// position every D elements instead of every M * D, so the rows of one level that a block
-// of queries samples span M times fewer pages and neighbouring positions share cache lines:
-// single-threaded, case A's kernel took ~133 ms instead of ~230. It costs a transpose of
-// value, which only pays when every (head, position) is sampled about once or more (the
-// encoder: Q = S, M L P samples per position); a decoder's 300 queries over an 800 x 1333
-// memory (case B: forward 7.4 ms with it, 4-5 ms without) read value as it is.
+// The value the kernels read, channels contiguous, in one of two layouts (see Layout).
+// Padded, an [N, M, positions, D] buffer: each head's maps contiguous, a position every D
+// elements instead of every M * D, so the rows of one level that a block of queries
+// samples span M times fewer pages and neighbouring positions share cache lines
+// (single-threaded, case A's kernel took ~133 ms instead of ~230), and the border that
+// spares the kernels their tests. It costs a transpose of value, which only pays when every
+// (head, position) is sampled about once or more (the encoder: Q = S, M L P samples per
+// position); a decoder's 300 queries over an 800 x 1333 memory (case B: forward 7.4 ms with
+// it, 4-5 ms without) read value as it is, [N, S, M, D] unpadded.
+bool use_padded(const Dims& d, const int64_t* shapes) {
+  return d.Q * d.L * d.P >= d.S && Layout::fits_padded(d, shapes);
+}
+
 template <typename scalar_t>
-at::Tensor kernel_value(const at::Tensor& value, const Dims& d) {
-  if (value.permute({0, 2, 1, 3}).is_contiguous()) return value;  // already head-major
-  if (d.Q * d.L * d.P < d.S) return value.contiguous();
-  auto out = at::empty({d.N, d.M, d.S, d.D}, value.options());
+at::Tensor kernel_value(const at::Tensor& value, const Dims& d, const Layout& layout) {
+  if (!layout.padded) return value.contiguous();
+  auto out = at::empty({d.N, d.M, layout.positions, d.D}, value.options());
   advise_huge_pages(out);
   const auto src = value.contiguous();
-  swap_axes(src.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), d.N, d.S, d.M, d.D);
-  return out.permute({0, 2, 1, 3});
+  transpose_padded<true>(src.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), d, layout);
+  return out;
+}
+
+template <typename scalar_t>
+Args<scalar_t> make_args(const Dims& d, const Layout& layout, const at::Tensor& v,
+                         const at::Tensor& loc, const at::Tensor& attn, const scalar_t* zero) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t ss = v.stride(layout.padded ? 2 : 1), sm = v.stride(layout.padded ? 1 : 2);
+  return Args<scalar_t>{d,   layout, v.data_ptr<scalar_t>(), v.stride(0), ss, sm,
+                        loc.data_ptr<acc_t>(), attn.data_ptr<acc_t>(), zero};
 }
 
 at::Tensor ms_deform_attn_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
@@ -560,26 +657,16 @@ at::Tensor ms_deform_attn_cpu(const at::Tensor& value, const at::Tensor& spatial
   if (out.numel() == 0) return out;
   if (d.S == 0 || d.L == 0 || d.P == 0) return out.zero_();
   const auto shapes = spatial_shapes.contiguous();
-  const auto starts = level_start_index.contiguous();
+  const Layout layout(d, shapes.data_ptr<int64_t>(), use_padded(d, shapes.data_ptr<int64_t>()));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(),
                                   "ms_deform_attn_cpu", [&] {
-    using acc_t = acc_type<scalar_t>;
-    const auto v = kernel_value<scalar_t>(value, d);
-    const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
+    const auto acc_dtype = c10::CppTypeToScalarType<acc_type<scalar_t>>::value;
+    const auto v = kernel_value<scalar_t>(value, d, layout);
     const auto loc = sampling_locations.to(acc_dtype).contiguous();
     const auto attn = attention_weights.to(acc_dtype).contiguous();
     const std::vector<scalar_t> zero(d.D, scalar_t(0));
-    const Args<scalar_t> args{d,
-                              v.data_ptr<scalar_t>(),
-                              v.stride(0),
-                              v.stride(1),
-                              v.stride(2),
-                              shapes.data_ptr<int64_t>(),
-                              starts.data_ptr<int64_t>(),
-                              loc.data_ptr<acc_t>(),
-                              attn.data_ptr<acc_t>(),
-                              zero.data()};
-    forward_kernel<scalar_t>(args, out.data_ptr<scalar_t>());
+    forward_kernel<scalar_t>(make_args(d, layout, v, loc, attn, zero.data()),
+                             out.data_ptr<scalar_t>());
   });
   return out;
 }
@@ -604,42 +691,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   advise_huge_pages(grad_attn);
   const auto g = grad_output.contiguous();
   const auto shapes = spatial_shapes.contiguous();
-  const auto starts = level_start_index.contiguous();
+  const Layout layout(d, shapes.data_ptr<int64_t>(), use_padded(d, shapes.data_ptr<int64_t>()));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(),
                                   "ms_deform_attn_backward_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
-    auto v = kernel_value<scalar_t>(value, d);
+    auto v = kernel_value<scalar_t>(value, d, layout);
     const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
     const auto loc = sampling_locations.to(acc_dtype).contiguous();
     const auto attn = attention_weights.to(acc_dtype).contiguous();
     // Gradients accumulate in acc_t (fp32 for half/bf16 value) and are cast at the end;
-    // grad_value in the layout of the value the kernel reads (the same strides).
-    auto grad_value_acc = at::empty_strided(v.sizes(), v.strides(), value.options().dtype(acc_dtype));
+    // grad_value in the layout of the value the kernel reads (what the kernel adds to the
+    // border of a padded layout is never read).
+    auto grad_value_acc = at::empty(v.sizes(), value.options().dtype(acc_dtype));
     advise_huge_pages(grad_value_acc);
     grad_value_acc.zero_();
     auto grad_loc_acc = grad_loc.to(acc_dtype);
     auto grad_attn_acc = grad_attn.to(acc_dtype);
     const std::vector<scalar_t> zero(d.D, scalar_t(0));
-    const Args<scalar_t> args{d,
-                              v.data_ptr<scalar_t>(),
-                              v.stride(0),
-                              v.stride(1),
-                              v.stride(2),
-                              shapes.data_ptr<int64_t>(),
-                              starts.data_ptr<int64_t>(),
-                              loc.data_ptr<acc_t>(),
-                              attn.data_ptr<acc_t>(),
-                              zero.data()};
-    backward_kernel<scalar_t>(args, g.data_ptr<scalar_t>(), grad_value_acc.data_ptr<acc_t>(),
+    backward_kernel<scalar_t>(make_args(d, layout, v, loc, attn, zero.data()),
+                              g.data_ptr<scalar_t>(), grad_value_acc.data_ptr<acc_t>(),
                               grad_loc_acc.data_ptr<acc_t>(), grad_attn_acc.data_ptr<acc_t>());
-    v = at::Tensor();  // maybe a head-major copy of value: free it before grad_value
-    if (grad_value_acc.is_contiguous()) {
+    v = at::Tensor();  // maybe a padded copy of value: free it before grad_value
+    if (!layout.padded) {
       grad_value = grad_value_acc.to(value.scalar_type());  // no copy for fp32 / fp64
-    } else {  // head-major: transposed back
+    } else {
       grad_value = at::empty_like(value, contiguous);
       advise_huge_pages(grad_value);
-      swap_axes(grad_value_acc.data_ptr<acc_t>(), grad_value.data_ptr<scalar_t>(), d.N, d.M, d.S,
-                d.D);
+      transpose_padded<false>(grad_value_acc.data_ptr<acc_t>(), grad_value.data_ptr<scalar_t>(),
+                              d, layout);
     }
     if (!grad_loc_acc.is_same(grad_loc)) grad_loc.copy_(grad_loc_acc);
     if (!grad_attn_acc.is_same(grad_attn)) grad_attn.copy_(grad_attn_acc);
