@@ -326,8 +326,10 @@ CODETR_ALWAYS_INLINE void add_sample(int64_t D, acc_t* __restrict sum, const sca
 // has no branches (and an inf elsewhere in `value` cannot leak in as 0 * inf).
 // kD > 0 fixes D at compile time (kD == d.D): the query's kD sums then live in registers
 // instead of making a store-to-load round trip through memory per sample (the hottest
-// instructions in perf before). D = 32: the paper's 256 channels over 8 heads.
-template <typename scalar_t, int64_t kD>
+// instructions in perf before). D = 32: the paper's 256 channels over 8 heads. kDense: value
+// rows are kD apart (a.ss == kD, the padded layout), so a sample's corners sit at constant
+// offsets from two pointers, which frees registers (the loop spilled before).
+template <typename scalar_t, int64_t kD, bool kDense>
 CODETR_ALWAYS_INLINE void forward_block(const Args<scalar_t>& a,
                                         const Levels<acc_type<scalar_t>>& lv, int64_t item,
                                         scalar_t* out, Scratch<acc_type<scalar_t>>& scratch) {
@@ -341,7 +343,7 @@ CODETR_ALWAYS_INLINE void forward_block(const Args<scalar_t>& a,
   const int64_t q_begin = (item % blocks) * kBlock;
   const int64_t q_end = std::min(q_begin + kBlock, d.Q);
   const scalar_t* value_nm = a.value + n * a.sn + m * a.sm;
-  const int64_t ss = a.ss;
+  const int64_t ss = kDense ? kD : a.ss;
   const int32_t* pixel = scratch.taps.pixel.data();
   const int32_t* live = scratch.taps.live.data();
   const int32_t* stride = lv.stride.data();
@@ -383,8 +385,9 @@ CODETR_ALWAYS_INLINE void forward_block(const Args<scalar_t>& a,
 template <typename scalar_t>
 void forward_block_baseline(const Args<scalar_t>& a, const Levels<acc_type<scalar_t>>& lv,
                             int64_t item, scalar_t* out, Scratch<acc_type<scalar_t>>& scratch) {
-  if (a.d.D == 32) return forward_block<scalar_t, 32>(a, lv, item, out, scratch);
-  forward_block<scalar_t, 0>(a, lv, item, out, scratch);
+  if (a.d.D == 32 && a.ss == 32) return forward_block<scalar_t, 32, true>(a, lv, item, out, scratch);
+  if (a.d.D == 32) return forward_block<scalar_t, 32, false>(a, lv, item, out, scratch);
+  forward_block<scalar_t, 0, false>(a, lv, item, out, scratch);
 }
 
 #ifdef CODETR_MSDA_AVX2
@@ -392,8 +395,9 @@ template <typename scalar_t>
 CODETR_TARGET_AVX2 void forward_block_avx2(const Args<scalar_t>& a,
                                            const Levels<acc_type<scalar_t>>& lv, int64_t item,
                                            scalar_t* out, Scratch<acc_type<scalar_t>>& scratch) {
-  if (a.d.D == 32) return forward_block<scalar_t, 32>(a, lv, item, out, scratch);
-  forward_block<scalar_t, 0>(a, lv, item, out, scratch);
+  if (a.d.D == 32 && a.ss == 32) return forward_block<scalar_t, 32, true>(a, lv, item, out, scratch);
+  if (a.d.D == 32) return forward_block<scalar_t, 32, false>(a, lv, item, out, scratch);
+  forward_block<scalar_t, 0, false>(a, lv, item, out, scratch);
 }
 #endif
 
@@ -461,7 +465,7 @@ CODETR_ALWAYS_INLINE void backward_sample(int64_t D, const scalar_t* g, const sc
 // write into the sink row, with weight 0. kD as in forward_block. (Levels outer within
 // blocks of queries, the order before make_taps, measured no faster with blocks of 64 and
 // ~20% slower with 512, case A.)
-template <typename scalar_t, int64_t kD>
+template <typename scalar_t, int64_t kD, bool kDense>
 CODETR_ALWAYS_INLINE void backward_pair(const Args<scalar_t>& a,
                                         const Levels<acc_type<scalar_t>>& lv, int64_t nm,
                                         const scalar_t* grad_out, acc_type<scalar_t>* grad_value,
@@ -473,7 +477,7 @@ CODETR_ALWAYS_INLINE void backward_pair(const Args<scalar_t>& a,
   const int64_t D = kD > 0 ? kD : d.D;
   const int64_t row = d.M * D;  // stride between two queries of grad_out
   const int64_t n = nm / d.M, m = nm % d.M;
-  const int64_t ss = a.ss;
+  const int64_t ss = kDense ? kD : a.ss;
   const scalar_t* value_nm = a.value + n * a.sn + m * a.sm;
   acc_t* grad_value_nm = grad_value + n * a.sn + m * a.sm;
   const Taps<acc_t>& t = scratch.taps;
@@ -532,10 +536,14 @@ void backward_pair_baseline(const Args<scalar_t>& a, const Levels<acc_type<scala
                             int64_t nm, const scalar_t* grad_out, acc_type<scalar_t>* grad_value,
                             acc_type<scalar_t>* grad_loc, acc_type<scalar_t>* grad_attn,
                             Scratch<acc_type<scalar_t>>& scratch) {
+  if (a.d.D == 32 && a.ss == 32)
+    return backward_pair<scalar_t, 32, true>(a, lv, nm, grad_out, grad_value, grad_loc,
+                                             grad_attn, scratch);
   if (a.d.D == 32)
-    return backward_pair<scalar_t, 32>(a, lv, nm, grad_out, grad_value, grad_loc, grad_attn,
-                                       scratch);
-  backward_pair<scalar_t, 0>(a, lv, nm, grad_out, grad_value, grad_loc, grad_attn, scratch);
+    return backward_pair<scalar_t, 32, false>(a, lv, nm, grad_out, grad_value, grad_loc,
+                                              grad_attn, scratch);
+  backward_pair<scalar_t, 0, false>(a, lv, nm, grad_out, grad_value, grad_loc, grad_attn,
+                                    scratch);
 }
 
 #ifdef CODETR_MSDA_AVX2
@@ -546,10 +554,14 @@ CODETR_TARGET_AVX2 void backward_pair_avx2(const Args<scalar_t>& a,
                                            acc_type<scalar_t>* grad_loc,
                                            acc_type<scalar_t>* grad_attn,
                                            Scratch<acc_type<scalar_t>>& scratch) {
+  if (a.d.D == 32 && a.ss == 32)
+    return backward_pair<scalar_t, 32, true>(a, lv, nm, grad_out, grad_value, grad_loc,
+                                             grad_attn, scratch);
   if (a.d.D == 32)
-    return backward_pair<scalar_t, 32>(a, lv, nm, grad_out, grad_value, grad_loc, grad_attn,
-                                       scratch);
-  backward_pair<scalar_t, 0>(a, lv, nm, grad_out, grad_value, grad_loc, grad_attn, scratch);
+    return backward_pair<scalar_t, 32, false>(a, lv, nm, grad_out, grad_value, grad_loc,
+                                              grad_attn, scratch);
+  backward_pair<scalar_t, 0, false>(a, lv, nm, grad_out, grad_value, grad_loc, grad_attn,
+                                    scratch);
 }
 #endif
 
