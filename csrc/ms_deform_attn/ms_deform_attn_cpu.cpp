@@ -483,6 +483,8 @@ CODETR_ALWAYS_INLINE void backward_pair(const Args<scalar_t>& a,
   const Taps<acc_t>& t = scratch.taps;
   const int32_t* pixel = t.pixel.data();
   const int32_t* live = t.live.data();
+  const acc_t* h = lv.h.data();  // H and W of sample j's level
+  const acc_t* w = lv.w.data();
   for (int64_t q = 0; q < d.Q; ++q) {
     const scalar_t* g = grad_out + (n * d.Q + q) * row + m * D;
     const int64_t k0 = ((n * d.Q + q) * d.M + m) * d.L * d.P;  // sample (n, q, m, 0, 0)
@@ -492,7 +494,7 @@ CODETR_ALWAYS_INLINE void backward_pair(const Args<scalar_t>& a,
     std::fill(grad_attn + k0, grad_attn + k0 + d.L * d.P, acc_t(0));
     std::fill(grad_loc + 2 * k0, grad_loc + 2 * (k0 + d.L * d.P), acc_t(0));
     for (int64_t i = 0; i < t.count; ++i) {
-      const int64_t j = live[i], k = k0 + j, l = lv.level[j];
+      const int64_t j = live[i], k = k0 + j;
       Sample<acc_t> s;
       acc_t dot[4];
       if (pixel[j] >= 0) {
@@ -508,6 +510,7 @@ CODETR_ALWAYS_INLINE void backward_pair(const Args<scalar_t>& a,
         s.hh = acc_t(1) - s.lh;
         s.hw = acc_t(1) - s.lw;
       } else {  // an unpadded layout's sample with a corner off the map
+        const int64_t l = lv.level[j];
         s = make_sample(a.loc[2 * k], a.loc[2 * k + 1], a.layout.H[l], a.layout.W[l]);
         if (!s.inside) continue;
         const int64_t level = a.layout.start[l] * ss;
@@ -523,7 +526,7 @@ CODETR_ALWAYS_INLINE void backward_pair(const Args<scalar_t>& a,
                         at * s.weight[0], at * s.weight[1], at * s.weight[2], at * s.weight[3],
                         dot);
       }
-      const SampleGrad<acc_t> sg = sample_grad(s, a.attn[k], dot, a.layout.H[l], a.layout.W[l]);
+      const SampleGrad<acc_t> sg = sample_grad(s, a.attn[k], dot, h[j], w[j]);
       grad_attn[k] = sg.attn;
       grad_loc[2 * k] = sg.x;
       grad_loc[2 * k + 1] = sg.y;

@@ -94,9 +94,9 @@ struct SampleGrad {
   acc_t attn, x, y;
 };
 
-template <typename acc_t>
+template <typename acc_t, typename size_t_>
 CODETR_HOST_DEVICE SampleGrad<acc_t> sample_grad(const Sample<acc_t>& s, acc_t a,
-                                                 const acc_t dot[4], int64_t H, int64_t W) {
+                                                 const acc_t dot[4], size_t_ H, size_t_ W) {
   SampleGrad<acc_t> r;
   r.attn = s.weight[0] * dot[0] + s.weight[1] * dot[1] + s.weight[2] * dot[2] +
            s.weight[3] * dot[3];
