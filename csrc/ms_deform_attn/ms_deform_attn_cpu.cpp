@@ -304,6 +304,18 @@ CODETR_ALWAYS_INLINE void prefetch_ahead(const Args<scalar_t>& a, int64_t k, int
 #endif
 }
 
+// The first cache line of each of a sample's four corner rows (corner 0 at r), for
+// reading or (kWrite) for writing.
+template <int kWrite, typename T>
+CODETR_ALWAYS_INLINE void prefetch_corners(const T* r, int64_t ss, int64_t dy) {
+#if defined(__GNUC__)
+  __builtin_prefetch(r, kWrite);
+  __builtin_prefetch(r + ss, kWrite);
+  __builtin_prefetch(r + dy, kWrite);
+  __builtin_prefetch(r + dy + ss, kWrite);
+#endif
+}
+
 // sum += w0 r0 + w1 r1 + w2 r2 + w3 r3 over the D channels of four corner rows.
 template <typename scalar_t, typename acc_t>
 CODETR_ALWAYS_INLINE void add_sample(int64_t D, acc_t* __restrict sum, const scalar_t* r0,
@@ -497,6 +509,15 @@ CODETR_ALWAYS_INLINE void backward_pair(const Args<scalar_t>& a,
       const int64_t j = live[i], k = k0 + j;
       Sample<acc_t> s;
       acc_t dot[4];
+      // The corner rows of the live sample two ahead, value's and grad_value's: at ~170
+      // instructions per sample the reorder buffer holds under two samples, so their
+      // cache misses would otherwise not overlap (case A backward, one thread, alternating
+      // processes: 216 vs 228 ms; three ahead 234, C 42.2 vs 44.1).
+      if (i + 2 < t.count && pixel[live[i + 2]] >= 0) {
+        const int64_t ahead = pixel[live[i + 2]] * ss, dy = lv.stride[live[i + 2]] * ss;
+        prefetch_corners<0>(value_nm + ahead, ss, dy);
+        prefetch_corners<1>(grad_value_nm + ahead, ss, dy);
+      }
       if (pixel[j] >= 0) {
         const scalar_t* r = value_nm + pixel[j] * ss;
         acc_t* gv = grad_value_nm + pixel[j] * ss;
