@@ -188,7 +188,7 @@ def main() -> None:
         rows.append(row)
         print(f"case {case} done", file=sys.stderr, flush=True)
 
-    print(f"\nbox operators on {device} ({torch.get_num_threads()} threads), median of {args.repeats}")
+    print(f"\nbox operators on {device} ({torch.get_num_threads()} threads), median of >= {args.repeats} calls and >= 2 s")
     columns = [
         ("case", "case", "s"), ("what", "what", "s"), ("size", "size", "s"),
         ("compiled_ms", "ms", ".3f"), ("torchvision_ms", "torchvision ms", ".3f"),

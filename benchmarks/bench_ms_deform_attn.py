@@ -127,7 +127,7 @@ def main() -> None:
         rows.append(row)
         print(f"case {case} done", file=sys.stderr, flush=True)
 
-    print(f"\nms_deform_attn on {device} (M={M}, D={D}, P={P}), median of {args.repeats}")
+    print(f"\nms_deform_attn on {device} (M={M}, D={D}, P={P}), median of >= {args.repeats} calls and >= 2 s")
     print_table(rows, [
         ("case", "case", "s"),
         ("compiled_fwd_ms", "fwd ms", ".1f"), ("reference_fwd_ms", "ref fwd ms", ".1f"),

@@ -130,7 +130,8 @@ def main() -> None:
         print(f"case {case} done", file=sys.stderr, flush=True)
 
     print(f"\nroi_align on {device} (C={C}, N={N}, {ROIS_PER_IMAGE} RoIs/image, {OUT}x{OUT}, "
-          f"aligned, adaptive sampling), median of {args.repeats}; x = other / compiled")
+          f"aligned, adaptive sampling), median of >= {args.repeats} calls and >= 2 s; "
+          f"x = other / compiled")
     print_table(rows, [
         ("case", "case", "s"), ("rois_per_level", "RoIs/level", "s"),
         ("compiled_fwd_ms", "fwd ms", ".1f"), ("torchvision_fwd_ms", "tv fwd ms", ".1f"),

@@ -88,7 +88,8 @@ def probe_steps(variants: list[tuple[str, ...]], repeats: int, warmup: int) -> l
     times = [[] for _ in steps]
     for _ in range(repeats):
         for t, step in zip(times, steps):
-            t.append(time_fn(step, torch.device("cpu"), repeats=1, warmup=0, warmup_s=0.0))
+            t.append(time_fn(step, torch.device("cpu"), repeats=1, warmup=0, warmup_s=0.0,
+                              min_time_s=0.0))
     return [statistics.median(t) for t in times]
 
 

@@ -20,11 +20,17 @@ import torch
 
 
 def time_fn(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1,
-            warmup_s: float = 1.0) -> float:
-    """Median wall time of fn() in seconds, after `warmup` calls and at least `warmup_s`
-    seconds of calls: the first calls of a process ran up to 2x slower on our VMs (case A's
-    compiled forward: ~150 ms for its first five calls, 66-85 ms after), which a single
-    warm-up call left in the median of the op timed first."""
+            warmup_s: float = 1.0, min_time_s: float = 2.0) -> float:
+    """Median wall time of fn() in seconds, over at least `repeats` calls and `min_time_s`
+    seconds of them, after `warmup` calls and at least `warmup_s` seconds of calls.
+
+    The first calls of a process ran up to 2x slower on our VMs (case A's compiled MSDA
+    forward: ~150 ms for its first five calls, 66-85 ms after), which a single warm-up
+    call left in the median of the op timed first. And the VMs have slow spells of a few
+    tenths of a second to seconds (the same forward, 60 calls in a row: ~48 ms, with runs
+    of 100-140 ms): five repeats of a fast op could all fall in one, while a slow op's five
+    spanned several seconds; timing fast ops for `min_time_s` too gives both sides of a
+    ratio comparable spans."""
     start = time.perf_counter()
     done = 0
     while done < warmup or time.perf_counter() - start < warmup_s:
@@ -33,7 +39,8 @@ def time_fn(fn: Callable[[], object], device: torch.device, repeats: int, warmup
     if device.type == "cuda":
         flush = torch.empty(64 * 2**20, dtype=torch.int8, device=device)  # larger than L2
         times = []
-        for _ in range(repeats):
+        start = time.perf_counter()
+        while len(times) < repeats or time.perf_counter() - start < min_time_s:
             flush.zero_()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -43,7 +50,8 @@ def time_fn(fn: Callable[[], object], device: torch.device, repeats: int, warmup
             times.append(start.elapsed_time(end) / 1e3)
         return statistics.median(times)
     times = []
-    for _ in range(repeats):
+    start = time.perf_counter()
+    while len(times) < repeats or time.perf_counter() - start < min_time_s:
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
