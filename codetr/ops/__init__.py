@@ -8,7 +8,9 @@ from .box_iou import box_iou, box_iou_reference
 from .giou_loss import generalized_box_iou_loss, generalized_box_iou_loss_reference
 from .atss_assign import atss_assign, atss_assign_reference
 from .max_iou_assign import max_iou_assign, max_iou_assign_reference
-from .ms_deform_attn import ms_deform_attn, ms_deform_attn_reference
+from .ms_deform_attn import (
+    ms_deform_attn, ms_deform_attn_reference, ms_deform_attn_release_workspace,
+)
 from .nms import batched_nms, batched_nms_reference, nms, nms_reference
 from .multiscale_roi_align import MultiScaleRoIAlign, map_roi_levels, multiscale_roi_align
 from .roi_align import roi_align, roi_align_reference
@@ -23,6 +25,7 @@ __all__ = [
     "max_iou_assign_reference",
     "ms_deform_attn",
     "ms_deform_attn_reference",
+    "ms_deform_attn_release_workspace",
     "box_iou",
     "box_iou_reference",
     "generalized_box_iou_loss",

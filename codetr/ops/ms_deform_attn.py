@@ -67,6 +67,13 @@ def ms_deform_attn(
     CPU/CUDA kernel when available (see `codetr.ops.extension_info()`), else the
     reference. sampling_locations and attention_weights share a dtype: value's, or
     float32 when value is float16/bfloat16 (coordinates and accumulation stay fp32).
+
+    When there are about as many samples as value positions or more (an encoder), the CPU
+    kernel works on a head-major copy of value and, in the backward, accumulates grad_value
+    in a buffer of the same size (fp32 for half value); it keeps both between calls on the
+    calling thread, since fresh memory costs more than the copy (about N * M * (S + border)
+    * D elements each, the border a frame of zeros around each level).
+    `ms_deform_attn_release_workspace()` frees them.
     """
     if _extension.use_compiled(OP, value.device):
         return torch.ops.codetr.ms_deform_attn(
@@ -75,6 +82,14 @@ def ms_deform_attn(
     return ms_deform_attn_reference(
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights
     )
+
+
+def ms_deform_attn_release_workspace() -> None:
+    """Frees the scratch memory that the compiled CPU kernel keeps between calls on the
+    calling thread (see `ms_deform_attn`); the next call allocates it again. A no-op
+    without the compiled extension."""
+    if _extension.LOADED:
+        torch.ops.codetr.ms_deform_attn_release_workspace()
 
 
 if _extension.declare(OP):

@@ -74,14 +74,16 @@ def test_forward_backward_match_reference(seed, dtype, tol, assert_compiled):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol * scale, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("M", [3, 1])
 @pytest.mark.parametrize("Q", [2, 300])
-def test_both_value_layouts_of_the_cpu_kernel(Q, assert_compiled):
+def test_both_value_layouts_of_the_cpu_kernel(Q, M, assert_compiled):
     """The CPU kernel reads value as it is when Q L P < S (few queries: Q = 2 here) and from a
-    head-major copy otherwise (Q = 300); both against the reference, forward and backward,
-    with D = 32 (the compile-time path) and D = 5."""
+    padded head-major copy otherwise (Q = 300); both against the reference, forward and
+    backward, with D = 32 (the compile-time path; with M = 1 value's rows are D apart in
+    either layout) and D = 5."""
     assert_compiled(OP)
     for D in (32, 5):
-        value, shapes, starts, loc, attn = make_inputs([(9, 11), (5, 6), (2, 3)], N=2, Q=Q, M=3, D=D, P=2)
+        value, shapes, starts, loc, attn = make_inputs([(9, 11), (5, 6), (2, 3)], N=2, Q=Q, M=M, D=D, P=2)
         assert (Q * 3 * 2 < value.shape[1]) == (Q == 2)
         inputs = [t.requires_grad_() if t.is_floating_point() else t for t in (value, shapes, starts, loc, attn)]
         out, ref = ms_deform_attn(*inputs), ms_deform_attn_reference(*inputs)
@@ -90,6 +92,27 @@ def test_both_value_layouts_of_the_cpu_kernel(Q, assert_compiled):
         wrt = (inputs[0], inputs[3], inputs[4])
         for a, b in zip(torch.autograd.grad(out, wrt, grad), torch.autograd.grad(ref, wrt, grad)):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9 * max(1.0, b.abs().max().item()))
+
+
+def test_cpu_workspace_across_sizes_dtypes_and_release(assert_compiled):
+    """The CPU kernel keeps its padded copy of value and its grad_value accumulator between
+    calls on a thread, grown as needed: calls that shrink, grow and change dtype, before and
+    after ms_deform_attn_release_workspace, all match the reference."""
+    assert_compiled(OP)
+    calls = [([(9, 11), (5, 6)], torch.float64, 40), ([(3, 4)], torch.float32, 20),
+             ([(12, 13), (6, 7)], torch.float32, 60), ([(9, 11), (5, 6)], torch.float64, 40)]
+    for i, (levels, dtype, Q) in enumerate(calls + calls):
+        if i == len(calls):
+            codetr.ops.ms_deform_attn_release_workspace()
+        value, shapes, starts, loc, attn = make_inputs(levels, N=2, Q=Q, M=2, D=32, P=2, dtype=dtype, seed=i)
+        inputs = [t.requires_grad_() if t.is_floating_point() else t for t in (value, shapes, starts, loc, attn)]
+        out, ref = ms_deform_attn(*inputs), ms_deform_attn_reference(*inputs)
+        tol = 1e-10 if dtype == torch.float64 else 1e-4
+        torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+        grad = torch.randn_like(out)
+        g_out = torch.autograd.grad(out, inputs[0], grad)[0]
+        g_ref = torch.autograd.grad(ref, inputs[0], grad)[0]
+        torch.testing.assert_close(g_out, g_ref, rtol=tol, atol=tol)
 
 
 def test_non_contiguous_inputs(assert_compiled):
