@@ -32,8 +32,18 @@ struct Sample {
   bool inside;  // false: no corner is inside the map, the sample contributes nothing
 };
 
+// Inlined on the host too: left as a call on the CPU kernels' rare path (a sample with a
+// corner off an unpadded map), it made GCC keep the forward's sums in memory through the
+// whole sample loop, since a call clobbers every vector register.
+#if !defined(__CUDACC__) && defined(__GNUC__)
+#define CODETR_MSDA_INLINE __attribute__((always_inline))
+#else
+#define CODETR_MSDA_INLINE
+#endif
+
 template <typename acc_t>
-CODETR_HOST_DEVICE Sample<acc_t> make_sample(acc_t loc_x, acc_t loc_y, int64_t H, int64_t W) {
+CODETR_HOST_DEVICE CODETR_MSDA_INLINE Sample<acc_t> make_sample(acc_t loc_x, acc_t loc_y,
+                                                                int64_t H, int64_t W) {
   Sample<acc_t> s;
   const acc_t h_im = loc_y * static_cast<acc_t>(H) - acc_t(0.5);
   const acc_t w_im = loc_x * static_cast<acc_t>(W) - acc_t(0.5);
