@@ -70,10 +70,12 @@ def ms_deform_attn(
 
     When there are about as many samples as value positions or more (an encoder), the CPU
     kernel works on a head-major copy of value and, in the backward, accumulates grad_value
-    in a buffer of the same size (fp32 for half value); it keeps both between calls on the
-    calling thread, since fresh memory costs more than the copy (about N * M * (S + border)
-    * D elements each, the border a frame of zeros around each level).
-    `ms_deform_attn_release_workspace()` frees them.
+    in a buffer of the same size (fp32 for half value), about N * M * (S + border) * D
+    elements each (the border: a frame of zeros around each level). Fresh memory costs more
+    than the copy, so the calling thread keeps them between calls: the copy from forward to
+    forward (a backward frees it when done, so that the peak memory of forward + backward
+    does not grow), the accumulator from backward to backward.
+    `ms_deform_attn_release_workspace()` frees both.
     """
     if _extension.use_compiled(OP, value.device):
         return torch.ops.codetr.ms_deform_attn(
