@@ -180,8 +180,8 @@ struct Levels {
         w_lim.push_back(fits ? static_cast<acc_t>(W - 1 + 2 * pad_) : acc_t(0));
         base.push_back(fits ? static_cast<int32_t>(layout.start[l]) : 0);
         stride.push_back(fits ? static_cast<int32_t>(layout.stride[l]) : 0);
-        outside.push_back(layout.padded ? static_cast<int32_t>(layout.start[l] + (H + 1) * layout.stride[l])
-                                        : -1);
+        const int64_t zero_rows = layout.start[l] + (H + 1) * layout.stride[l];
+        outside.push_back(layout.padded ? static_cast<int32_t>(zero_rows) : -1);
         level.push_back(static_cast<int32_t>(l));
       }
     }
@@ -364,16 +364,14 @@ struct RowSums<acc_t, 0> {
 // the block fastest, so the threads sweep one head's maps at a time, and a block's queries
 // sample a window of each of the head's maps that stays in L2 while the queries slide over
 // it. Query by query: a query's coordinates and weights for the head are one contiguous
-// record (L P samples), prepared by make_taps; its sums stay in registers (kD) over all of
-// them, and its output row is written once. (Level outer, query inner, kept the block's
+// record (L P samples), prepared by make_taps; its sums (RowSums) run over its live
+// samples, and its output row is written once. (Level outer, query inner, kept the block's
 // sums in a scratch buffer and read each record in L pieces: case A's forward took ~15%
-// longer.) Corners outside the map read the zero row with weight 0, so the channel loop
-// has no branches (and an inf elsewhere in `value` cannot leak in as 0 * inf).
-// kD > 0 fixes D at compile time (kD == d.D): the query's kD sums then live in registers
-// instead of making a store-to-load round trip through memory per sample (the hottest
-// instructions in perf before). D = 32: the paper's 256 channels over 8 heads. kDense: value
-// rows are kD apart (a.ss == kD, the padded layout), so a sample's corners sit at constant
-// offsets from two pointers, which frees registers (the loop spilled before).
+// longer.) Corners off the map read zeros, the padded layout's border or the zero row,
+// never a neighbouring value with weight 0 (an inf there would leak in as 0 * inf).
+// kD > 0 fixes D at compile time (kD == d.D; D = 32: the paper's 256 channels over 8
+// heads). kDense: value rows are kD apart (a.ss == kD, the padded layout), so a sample's
+// corners sit at constant offsets from two pointers, which frees registers.
 template <typename scalar_t, int64_t kD, bool kDense>
 CODETR_ALWAYS_INLINE void forward_block(const Args<scalar_t>& a,
                                         const Levels<acc_type<scalar_t>>& lv, int64_t item,
@@ -427,7 +425,8 @@ CODETR_ALWAYS_INLINE void forward_block(const Args<scalar_t>& a,
 template <typename scalar_t>
 void forward_block_baseline(const Args<scalar_t>& a, const Levels<acc_type<scalar_t>>& lv,
                             int64_t item, scalar_t* out, Scratch<acc_type<scalar_t>>& scratch) {
-  if (a.d.D == 32 && a.ss == 32) return forward_block<scalar_t, 32, true>(a, lv, item, out, scratch);
+  if (a.d.D == 32 && a.ss == 32)
+    return forward_block<scalar_t, 32, true>(a, lv, item, out, scratch);
   if (a.d.D == 32) return forward_block<scalar_t, 32, false>(a, lv, item, out, scratch);
   forward_block<scalar_t, 0, false>(a, lv, item, out, scratch);
 }
@@ -437,7 +436,8 @@ template <typename scalar_t>
 CODETR_TARGET_AVX2 void forward_block_avx2(const Args<scalar_t>& a,
                                            const Levels<acc_type<scalar_t>>& lv, int64_t item,
                                            scalar_t* out, Scratch<acc_type<scalar_t>>& scratch) {
-  if (a.d.D == 32 && a.ss == 32) return forward_block<scalar_t, 32, true>(a, lv, item, out, scratch);
+  if (a.d.D == 32 && a.ss == 32)
+    return forward_block<scalar_t, 32, true>(a, lv, item, out, scratch);
   if (a.d.D == 32) return forward_block<scalar_t, 32, false>(a, lv, item, out, scratch);
   forward_block<scalar_t, 0, false>(a, lv, item, out, scratch);
 }
@@ -503,8 +503,9 @@ CODETR_ALWAYS_INLINE void backward_sample(int64_t D, const scalar_t* g, const sc
 // bitwise identical whatever the number of threads, with no atomics and no private
 // copies. Query by query as in the forward (one make_taps per record); per sample, one
 // pass over the channels (backward_sample) gives the sums of sample_grad and scatters
-// into the four corners' grad_value rows. Corners outside the map read the zero row and
-// write into the sink row, with weight 0. kD as in forward_block. (Levels outer within
+// into the four corners' grad_value rows. Corners off the map read zeros and write into
+// the border of a padded layout (never read back) or, unpadded, the zero row and the sink
+// row, with weight 0. kD and kDense as in forward_block. (Levels outer within
 // blocks of queries, the order before make_taps, measured no faster with blocks of 64 and
 // ~20% slower with 512, case A.)
 template <typename scalar_t, int64_t kD, bool kDense>
@@ -694,12 +695,12 @@ bool use_padded(const Dims& d, const int64_t* shapes) {
 }
 
 // Scratch memory that the calling thread keeps between calls, grown as needed, freed with
-// the thread or by release_workspace: the padded copy of value (slot 0; the backward frees
-// it when done) and the backward's grad_value accumulator (slot 1). Fresh memory costs more than the work done in it on
-// our VMs (the kernel zeroes every page at first touch; case A's 48 MB copy arrived in
-// fresh mmap pages every call, glibc serving 32 MB and more that way): case A, alternating
-// processes, forward min 47.0 -> 40.9 ms, backward 123.3 -> 116.7. In training the
-// encoder's layers reuse it call after call. The outputs are never workspace.
+// the thread or by release_workspace: the padded copy of value (slot 0; a backward frees it
+// when done, see there) and the backward's grad_value accumulator (slot 1). On our VMs fresh
+// memory costs more than the work done in it: glibc serves 32 MB and more from fresh mmap
+// pages every call, which the kernel zeroes at first touch (case A's 48 MB copy; forward
+// min 47.0 -> 40.9 ms, backward 123.3 -> 116.7 with both slots kept, alternating
+// processes). The outputs are never workspace.
 thread_local at::Tensor workspace_buffers[2];
 
 at::Tensor workspace(int slot, at::IntArrayRef sizes, at::ScalarType dtype) {
@@ -732,7 +733,7 @@ Args<scalar_t> make_args(const Dims& d, const Layout& layout, const at::Tensor& 
                          const at::Tensor& loc, const at::Tensor& attn, const scalar_t* zero) {
   using acc_t = acc_type<scalar_t>;
   const int64_t ss = v.stride(layout.padded ? 2 : 1), sm = v.stride(layout.padded ? 1 : 2);
-  return Args<scalar_t>{d,   layout, v.data_ptr<scalar_t>(), v.stride(0), ss, sm,
+  return Args<scalar_t>{d, layout, v.data_ptr<scalar_t>(), v.stride(0), ss, sm,
                         loc.data_ptr<acc_t>(), attn.data_ptr<acc_t>(), zero};
 }
 
