@@ -123,7 +123,16 @@ CODETR_ALWAYS_INLINE void sum4(const Vec<double>& d0, const Vec<double>& d1,
 // case C's samples, those near the edges of its small levels, went through make_sample
 // behind a mispredicted branch.) Unpadded: the maps as they lie in value.
 struct Layout {
-  Layout(const Dims& d, const int64_t* shapes, bool padded_) : padded(padded_), positions(0) {
+  // Padded when the kernels work on a copy of value (see kernel_value) and its positions
+  // fit the int32 pixels of make_taps.
+  Layout(const Dims& d, const int64_t* shapes) {
+    build(d, shapes, d.Q * d.L * d.P >= d.S);
+    if (padded && positions >= (int64_t{1} << 31)) build(d, shapes, false);
+  }
+  void build(const Dims& d, const int64_t* shapes, bool padded_) {
+    padded = padded_;
+    positions = 0;
+    H.clear(), W.clear(), start.clear(), stride.clear(), map_start.clear();
     const int64_t pad = padded ? 1 : 0;
     for (int64_t l = 0; l < d.L; ++l) {
       H.push_back(shapes[2 * l]);
@@ -133,12 +142,6 @@ struct Layout {
       stride.push_back(W[l] + 2 * pad);
       positions += (H[l] + 3 * pad) * stride[l];
     }
-  }
-  // Whether the padded layout's positions fit the int32 pixels of make_taps.
-  static bool fits_padded(const Dims& d, const int64_t* shapes) {
-    int64_t positions = 0;
-    for (int64_t l = 0; l < d.L; ++l) positions += (shapes[2 * l] + 3) * (shapes[2 * l + 1] + 2);
-    return positions < (int64_t{1} << 31);
   }
   bool padded;
   int64_t positions;  // per head: S, or the padded total
@@ -681,19 +684,6 @@ void transpose_padded(const src_t* src, dst_t* dst, const Dims& d, const Layout&
   });
 }
 
-// The value the kernels read, channels contiguous, in one of two layouts (see Layout).
-// Padded, an [N, M, positions, D] buffer: each head's maps contiguous, a position every D
-// elements instead of every M * D, so the rows of one level that a block of queries
-// samples span M times fewer pages and neighbouring positions share cache lines
-// (single-threaded, case A's kernel took ~133 ms instead of ~230), and the border that
-// spares the kernels their tests. It costs a transpose of value, which only pays when every
-// (head, position) is sampled about once or more (the encoder: Q = S, M L P samples per
-// position); a decoder's 300 queries over an 800 x 1333 memory (case B: forward 7.4 ms with
-// it, 4-5 ms without) read value as it is, [N, S, M, D] unpadded.
-bool use_padded(const Dims& d, const int64_t* shapes) {
-  return d.Q * d.L * d.P >= d.S && Layout::fits_padded(d, shapes);
-}
-
 // Scratch memory that the calling thread keeps between calls, grown as needed, freed with
 // the thread or by release_workspace: the padded copy of value (slot 0; a backward frees it
 // when done, see there) and the backward's grad_value accumulator (slot 1). On our VMs fresh
@@ -719,6 +709,15 @@ void release_workspace() {
   for (auto& buffer : workspace_buffers) buffer = at::Tensor();
 }
 
+// The value the kernels read, channels contiguous, in one of two layouts (see Layout).
+// Padded, an [N, M, positions, D] buffer: each head's maps contiguous, a position every D
+// elements instead of every M * D, so the rows of one level that a block of queries
+// samples span M times fewer pages and neighbouring positions share cache lines
+// (single-threaded, case A's kernel took ~133 ms instead of ~230), and the border that
+// spares the kernels their tests. It costs a transpose of value, which only pays when every
+// (head, position) is sampled about once or more (the encoder: Q = S, M L P samples per
+// position); a decoder's 300 queries over an 800 x 1333 memory (case B: forward 7.4 ms with
+// it, 4-5 ms without) read value as it is, [N, S, M, D] unpadded (Layout decides).
 template <typename scalar_t>
 at::Tensor kernel_value(const at::Tensor& value, const Dims& d, const Layout& layout) {
   if (!layout.padded) return value.contiguous();
@@ -748,7 +747,7 @@ at::Tensor ms_deform_attn_cpu(const at::Tensor& value, const at::Tensor& spatial
   if (out.numel() == 0) return out;
   if (d.S == 0 || d.L == 0 || d.P == 0) return out.zero_();
   const auto shapes = spatial_shapes.contiguous();
-  const Layout layout(d, shapes.data_ptr<int64_t>(), use_padded(d, shapes.data_ptr<int64_t>()));
+  const Layout layout(d, shapes.data_ptr<int64_t>());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(),
                                   "ms_deform_attn_cpu", [&] {
     const auto acc_dtype = c10::CppTypeToScalarType<acc_type<scalar_t>>::value;
@@ -782,7 +781,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   advise_huge_pages(grad_attn);
   const auto g = grad_output.contiguous();
   const auto shapes = spatial_shapes.contiguous();
-  const Layout layout(d, shapes.data_ptr<int64_t>(), use_padded(d, shapes.data_ptr<int64_t>()));
+  const Layout layout(d, shapes.data_ptr<int64_t>());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(),
                                   "ms_deform_attn_backward_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
