@@ -7,6 +7,7 @@
 #   4. the kernel benchmarks with CUDA timings (JSON per benchmark).
 # Each step has its own time limit, so that one slow step still leaves the others' results.
 # On an H200 with 16 cores: build 40 s, tests 40 s, memcheck 70 s, each benchmark 1-2 min.
+# BENCHES (default: all four) names the benchmarks to run.
 # Writes run.log, build.log, sanitizer.log and the benchmarks' JSON into $OUT (default: gpu_check/).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -41,7 +42,7 @@ if command -v compute-sanitizer >/dev/null; then
     grep -m 20 "ERROR SUMMARY\|Invalid" "$OUT/sanitizer.log"
 fi
 
-for bench in ms_deform_attn box_ops assign roi_align; do
+for bench in ${BENCHES:-ms_deform_attn box_ops assign roi_align}; do
     start=$SECONDS
     timeout 120 $PY benchmarks/bench_$bench.py --device cuda --repeats 10 --out "$OUT/$bench.json"
     echo "bench_$bench: $((SECONDS - start)) s"
