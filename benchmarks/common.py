@@ -42,12 +42,12 @@ def time_fn(fn: Callable[[], object], device: torch.device, repeats: int, warmup
         start = time.perf_counter()
         while len(times) < repeats or time.perf_counter() - start < min_time_s:
             flush.zero_()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
             fn()
             end.record()
             torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
+            times.append(begin.elapsed_time(end) / 1e3)
         return statistics.median(times)
     times = []
     start = time.perf_counter()
