@@ -198,17 +198,18 @@ struct Levels {
 // pixel[j], the position of its corner 0 in the head's slice (layout coordinates), its
 // bilinear weights with (attn_weight) and without (weight) the attention weight, and its
 // fractional parts lh, lw. Only in an unpadded layout can pixel[j] be -1: a sample with a
-// corner off the map, which then goes through make_sample. live[0, count): the samples
-// that can contribute, in order; a padded layout leaves out those off the map.
+// corner off the map, which then goes through make_sample. keep[j]: whether sample j can
+// contribute (in a padded layout, not if it is off the map); live[0, count): those samples
+// in order, listed by list_live.
 template <typename acc_t>
 struct Taps {
-  explicit Taps(int64_t n) : pixel(n), live(n), lh(n), lw(n) {
+  explicit Taps(int64_t n) : pixel(n), keep(n), live(n), lh(n), lw(n) {
     for (int c = 0; c < 4; ++c) {
       weight[c].resize(n);
       attn_weight[c].resize(n);
     }
   }
-  std::vector<int32_t> pixel, live;
+  std::vector<int32_t> pixel, keep, live;
   int64_t count = 0;
   std::vector<acc_t> weight[4], attn_weight[4], lh, lw;
 };
@@ -218,10 +219,7 @@ struct Taps {
 // (NaN to 0) before the integer conversions so that every lane's conversion is defined.
 // (One sample at a time, the coordinate work sat between the channel loops of consecutive
 // samples; here the kernels' per-sample work is a table lookup. Case C, alternating
-// processes, with the backward below: forward min 13.1 -> 10.9 ms.) Then the list of live
-// samples: skipping the others by a branch in the kernels mispredicted (a sixth of case
-// C's samples are off the map, at random), and in the backward their updates of the zero
-// rows made a chain of dependent read-modify-writes.
+// processes, with the backward below: forward min 13.1 -> 10.9 ms.)
 template <typename acc_t>
 CODETR_ALWAYS_INLINE void make_taps(const Levels<acc_t>& lv, const acc_t* __restrict loc,
                                     const acc_t* __restrict attn, Taps<acc_t>& t) {
@@ -235,6 +233,7 @@ CODETR_ALWAYS_INLINE void make_taps(const Levels<acc_t>& lv, const acc_t* __rest
   const int32_t* __restrict stride = lv.stride.data();
   const int32_t* __restrict outside = lv.outside.data();
   int32_t* __restrict pixel = t.pixel.data();
+  int32_t* __restrict keep = t.keep.data();
   acc_t* __restrict lh_out = t.lh.data();
   acc_t* __restrict lw_out = t.lw.data();
   acc_t* __restrict w0 = t.weight[0].data();
@@ -258,6 +257,7 @@ CODETR_ALWAYS_INLINE void make_taps(const Levels<acc_t>& lv, const acc_t* __rest
     const acc_t lh = yc - static_cast<acc_t>(y_low), lw = xc - static_cast<acc_t>(x_low);
     const acc_t hh = acc_t(1) - lh, hw = acc_t(1) - lw, a = attn[j];
     pixel[j] = in ? base[j] + y_low * stride[j] + x_low : outside[j];
+    keep[j] = in | (outside[j] < 0);  // off a padded map: not live
     lh_out[j] = lh;
     lw_out[j] = lw;
     w0[j] = hh * hw;
@@ -269,11 +269,23 @@ CODETR_ALWAYS_INLINE void make_taps(const Levels<acc_t>& lv, const acc_t* __rest
     aw2[j] = a * w2[j];
     aw3[j] = a * w3[j];
   }
+}
+
+// The list of live samples, live[0, count), for the backward: updates of the zero rows by
+// the samples off a padded map made a chain of dependent read-modify-writes, and skipping
+// them by a branch mispredicted (a sixth of case C's samples are off the map, at random).
+// The forward reads all samples (those off the map read zeros): the list cost ~20
+// instructions per sample there, more than the sums it spared (callgrind, case C: 60 -> 56
+// instructions per sample without it).
+template <typename acc_t>
+CODETR_ALWAYS_INLINE void list_live(Taps<acc_t>& t) {
+  const int64_t n = static_cast<int64_t>(t.keep.size());
+  const int32_t* __restrict keep = t.keep.data();
   int32_t* __restrict live = t.live.data();
   int64_t count = 0;
   for (int64_t j = 0; j < n; ++j) {
     live[count] = static_cast<int32_t>(j);
-    count += (pixel[j] != outside[j]) | (outside[j] < 0);  // off a padded map: not live
+    count += keep[j];
   }
   t.count = count;
 }
@@ -367,8 +379,8 @@ struct RowSums<acc_t, 0> {
 // the block fastest, so the threads sweep one head's maps at a time, and a block's queries
 // sample a window of each of the head's maps that stays in L2 while the queries slide over
 // it. Query by query: a query's coordinates and weights for the head are one contiguous
-// record (L P samples), prepared by make_taps; its sums (RowSums) run over its live
-// samples, and its output row is written once. (Level outer, query inner, kept the block's
+// record (L P samples), prepared by make_taps; its sums (RowSums) run over its samples,
+// and its output row is written once. (Level outer, query inner, kept the block's
 // sums in a scratch buffer and read each record in L pieces: case A's forward took ~15%
 // longer.) Corners off the map read zeros, the padded layout's border or the zero row,
 // never a neighbouring value with weight 0 (an inf there would leak in as 0 * inf).
@@ -390,8 +402,8 @@ CODETR_ALWAYS_INLINE void forward_block(const Args<scalar_t>& a,
   const int64_t q_end = std::min(q_begin + kBlock, d.Q);
   const scalar_t* value_nm = a.value + n * a.sn + m * a.sm;
   const int64_t ss = kDense ? kD : a.ss;
+  const int64_t samples = d.L * d.P;
   const int32_t* pixel = scratch.taps.pixel.data();
-  const int32_t* live = scratch.taps.live.data();
   const int32_t* stride = lv.stride.data();
   const acc_t* aw0 = scratch.taps.attn_weight[0].data();
   const acc_t* aw1 = scratch.taps.attn_weight[1].data();
@@ -402,8 +414,7 @@ CODETR_ALWAYS_INLINE void forward_block(const Args<scalar_t>& a,
     const int64_t k0 = ((n * d.Q + q) * d.M + m) * d.L * d.P;  // sample (n, q, m, 0, 0)
     prefetch_ahead(a, k0, q_end - q);
     make_taps(lv, a.loc + 2 * k0, a.attn + k0, scratch.taps);
-    for (int64_t i = 0; i < scratch.taps.count; ++i) {
-      const int64_t j = live[i];
+    for (int64_t j = 0; j < samples; ++j) {
       if (pixel[j] >= 0) {
         const scalar_t* r = value_nm + pixel[j] * ss;
         const int64_t dy = stride[j] * ss;  // from a corner to the one below it
@@ -536,6 +547,7 @@ CODETR_ALWAYS_INLINE void backward_pair(const Args<scalar_t>& a,
     const int64_t k0 = ((n * d.Q + q) * d.M + m) * d.L * d.P;  // sample (n, q, m, 0, 0)
     prefetch_ahead(a, k0, d.Q - q);
     make_taps(lv, a.loc + 2 * k0, a.attn + k0, scratch.taps);
+    list_live(scratch.taps);
     // Samples that are not live add nothing and have zero gradients.
     std::fill(grad_attn + k0, grad_attn + k0 + d.L * d.P, acc_t(0));
     std::fill(grad_loc + 2 * k0, grad_loc + 2 * (k0 + d.L * d.P), acc_t(0));
