@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    environment, measure_in_subprocess, peak_memory_mib, print_table, time_fn, write_json,
+    environment, measure_in_subprocess, peak_memory_mib, print_table, time_side_by_side, write_json,
 )
 
 from codetr.ops import (  # noqa: E402
@@ -113,10 +114,10 @@ def main() -> None:
         inputs, op = make_inputs(case, device)
         row = {"case": case, "A": inputs[0].shape[0], "G": inputs[1 if op == "max_iou" else 2].shape[1]}
         outs = {}
+        times = time_side_by_side({impl: partial(fn, *inputs) for impl, fn in IMPLS[op].items()},
+                                  device, args.repeats)
         for impl, fn in IMPLS[op].items():
-            # The reference is slow on the big cases: fewer repeats keep the run short.
-            repeats = args.repeats if impl == "compiled" else max(1, min(args.repeats, 5))
-            row[f"{impl}_ms"] = 1e3 * time_fn(lambda: fn(*inputs), device, repeats)
+            row[f"{impl}_ms"] = 1e3 * times[impl]
             outs[impl] = fn(*inputs)
             if not args.no_memory:
                 row[f"{impl}_peak_mib"] = measure_in_subprocess(
@@ -130,7 +131,7 @@ def main() -> None:
         print(f"case {case} done", file=sys.stderr, flush=True)
 
     print(f"\nassigners on {device} ({torch.get_num_threads()} threads), batch {B}, median of "
-          f">= {args.repeats} calls (reference: >= min({args.repeats}, 5)) and >= 2 s")
+          f">= {args.repeats} calls and >= 2 s, side by side")
     print_table(rows, [
         ("case", "case", "s"), ("A", "A", "d"), ("G", "G", "d"),
         ("compiled_ms", "ms", ".2f"), ("reference_ms", "ref ms", ".1f"),

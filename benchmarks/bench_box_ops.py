@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    environment, measure_in_subprocess, peak_memory_mib, print_table, time_fn, write_json,
+    environment, measure_in_subprocess, peak_memory_mib, print_table, time_side_by_side, write_json,
 )
 
 from codetr.ops import (  # noqa: E402
@@ -175,10 +175,10 @@ def main() -> None:
         what, size, build, memory = CASES[case]
         impls = build(device)
         row = {"case": case, "what": what, "size": size}
-        for impl in IMPLS:
-            if impl not in impls:
-                continue
-            row[f"{impl}_ms"] = 1e3 * time_fn(impls[impl], device, args.repeats)
+        times = time_side_by_side({impl: impls[impl] for impl in IMPLS if impl in impls}, device,
+                                  args.repeats)
+        for impl, seconds in times.items():
+            row[f"{impl}_ms"] = 1e3 * seconds
             if memory and not args.no_memory:
                 row[f"{impl}_peak_mib"] = measure_in_subprocess(
                     __file__, [case, impl, args.device])["peak_mib"]
@@ -188,7 +188,8 @@ def main() -> None:
         rows.append(row)
         print(f"case {case} done", file=sys.stderr, flush=True)
 
-    print(f"\nbox operators on {device} ({torch.get_num_threads()} threads), median of >= {args.repeats} calls and >= 2 s")
+    print(f"\nbox operators on {device} ({torch.get_num_threads()} threads), median of >= {args.repeats} calls and >= 2 s, "
+          "side by side")
     columns = [
         ("case", "case", "s"), ("what", "what", "s"), ("size", "size", "s"),
         ("compiled_ms", "ms", ".3f"), ("torchvision_ms", "torchvision ms", ".3f"),

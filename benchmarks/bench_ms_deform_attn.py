@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    environment, measure_in_subprocess, peak_memory_mib, print_table, time_fn, write_json,
+    environment, measure_in_subprocess, peak_memory_mib, print_table, time_side_by_side, write_json,
 )
 
 from codetr.ops import ms_deform_attn, ms_deform_attn_reference  # noqa: E402
@@ -110,13 +111,16 @@ def main() -> None:
     rows = []
     for case in args.cases.split(","):
         row = {"case": case}
-        for impl, fn in IMPLS.items():
-            inputs = make_inputs(case, device, requires_grad=True)
-            with torch.no_grad():
-                row[f"{impl}_fwd_ms"] = 1e3 * time_fn(
-                    lambda: run(fn, inputs, False), device, args.repeats)
-            row[f"{impl}_fwdbwd_ms"] = 1e3 * time_fn(
-                lambda: run(fn, inputs, True), device, args.repeats)
+        inputs = {impl: make_inputs(case, device, requires_grad=True) for impl in IMPLS}
+        with torch.no_grad():
+            fwd = time_side_by_side({impl: partial(run, fn, inputs[impl], False)
+                                     for impl, fn in IMPLS.items()}, device, args.repeats)
+        fwdbwd = time_side_by_side({impl: partial(run, fn, inputs[impl], True)
+                                    for impl, fn in IMPLS.items()}, device, args.repeats)
+        del inputs
+        for impl in IMPLS:
+            row[f"{impl}_fwd_ms"] = 1e3 * fwd[impl]
+            row[f"{impl}_fwdbwd_ms"] = 1e3 * fwdbwd[impl]
             if not args.no_memory:
                 row[f"{impl}_peak_mib"] = measure_in_subprocess(
                     __file__, [case, impl, args.device])["peak_mib"]
@@ -127,7 +131,8 @@ def main() -> None:
         rows.append(row)
         print(f"case {case} done", file=sys.stderr, flush=True)
 
-    print(f"\nms_deform_attn on {device} (M={M}, D={D}, P={P}), median of >= {args.repeats} calls and >= 2 s")
+    print(f"\nms_deform_attn on {device} (M={M}, D={D}, P={P}), median of >= {args.repeats} calls and >= 2 s, "
+          "compiled and reference side by side")
     print_table(rows, [
         ("case", "case", "s"),
         ("compiled_fwd_ms", "fwd ms", ".1f"), ("reference_fwd_ms", "ref fwd ms", ".1f"),

@@ -18,13 +18,14 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    environment, measure_in_subprocess, peak_memory_mib, print_table, time_fn, write_json,
+    environment, measure_in_subprocess, peak_memory_mib, print_table, time_side_by_side, write_json,
 )
 
 from codetr.ops import (  # noqa: E402
@@ -113,12 +114,14 @@ def main() -> None:
         if CASES[case] == "pyramid":
             counts = torch.bincount(map_roi_levels(rois, len(LEVELS), 56.0), minlength=len(LEVELS))
             row["rois_per_level"] = "/".join(str(int(c)) for c in counts)
-        for impl, fn in impls.items():
-            with torch.no_grad():
-                row[f"{impl}_fwd_ms"] = 1e3 * time_fn(
-                    lambda: run(case, fn, features, rois, False), device, args.repeats)
-            row[f"{impl}_fwdbwd_ms"] = 1e3 * time_fn(
-                lambda: run(case, fn, features, rois, True), device, args.repeats)
+        with torch.no_grad():
+            fwd = time_side_by_side({impl: partial(run, case, fn, features, rois, False)
+                                     for impl, fn in impls.items()}, device, args.repeats)
+        fwdbwd = time_side_by_side({impl: partial(run, case, fn, features, rois, True)
+                                    for impl, fn in impls.items()}, device, args.repeats)
+        for impl in impls:
+            row[f"{impl}_fwd_ms"] = 1e3 * fwd[impl]
+            row[f"{impl}_fwdbwd_ms"] = 1e3 * fwdbwd[impl]
             if not args.no_memory:
                 row[f"{impl}_peak_mib"] = measure_in_subprocess(
                     __file__, [case, impl, args.device])["peak_mib"]
@@ -130,8 +133,8 @@ def main() -> None:
         print(f"case {case} done", file=sys.stderr, flush=True)
 
     print(f"\nroi_align on {device} (C={C}, N={N}, {ROIS_PER_IMAGE} RoIs/image, {OUT}x{OUT}, "
-          f"aligned, adaptive sampling), median of >= {args.repeats} calls and >= 2 s; "
-          f"x = other / compiled")
+          f"aligned, adaptive sampling), median of >= {args.repeats} calls and >= 2 s "
+          f"side by side; x = other / compiled")
     print_table(rows, [
         ("case", "case", "s"), ("rois_per_level", "RoIs/level", "s"),
         ("compiled_fwd_ms", "fwd ms", ".1f"), ("torchvision_fwd_ms", "tv fwd ms", ".1f"),

@@ -1,8 +1,8 @@
 """Timing and memory helpers shared by the benchmark scripts (see ../shared/BENCHMARKS.md).
 
 Our CPUs are shared and noisy, so every figure we publish is a ratio of two
-implementations measured side by side in one run, from medians over repetitions after
-warm-up. CUDA timings use events with the L2 cache flushed between repetitions.
+implementations measured side by side in one run (interleaved in time), from medians over
+repetitions after warm-up. CUDA timings use events with the L2 cache flushed between repetitions.
 """
 from __future__ import annotations
 
@@ -19,43 +19,60 @@ from typing import Callable
 import torch
 
 
-def time_fn(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1,
-            warmup_s: float = 1.0, min_time_s: float = 2.0) -> float:
-    """Median wall time of fn() in seconds, over at least `repeats` calls and `min_time_s`
-    seconds of them, after `warmup` calls and at least `warmup_s` seconds of calls.
-
-    The first calls of a process ran up to 2x slower on our VMs (case A's compiled MSDA
-    forward: ~150 ms for its first five calls, 66-85 ms after), which a single warm-up
-    call left in the median of the op timed first. And the VMs have slow spells of a few
-    tenths of a second to seconds (the same forward, 60 calls in a row: ~48 ms, with runs
-    of 100-140 ms): five repeats of a fast op could all fall in one, while a slow op's five
-    spanned several seconds; timing fast ops for `min_time_s` too gives both sides of a
-    ratio comparable spans."""
-    start = time.perf_counter()
-    done = 0
-    while done < warmup or time.perf_counter() - start < warmup_s:
-        fn()
-        done += 1
-    if device.type == "cuda":
-        flush = torch.empty(64 * 2**20, dtype=torch.int8, device=device)  # larger than L2
-        times = []
-        start = time.perf_counter()
-        while len(times) < repeats or time.perf_counter() - start < min_time_s:
-            flush.zero_()
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(begin.elapsed_time(end) / 1e3)
-        return statistics.median(times)
-    times = []
-    start = time.perf_counter()
-    while len(times) < repeats or time.perf_counter() - start < min_time_s:
+def _call_seconds(fn: Callable[[], object], device: torch.device, flush: torch.Tensor | None) -> float:
+    """Wall time of one fn() in seconds; on CUDA by events, with the L2 cache flushed first."""
+    if device.type != "cuda":
         t0 = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        return time.perf_counter() - t0
+    flush.zero_()
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    return begin.elapsed_time(end) / 1e3
+
+
+def time_side_by_side(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int,
+                      warmup: int = 1, warmup_s: float = 1.0,
+                      min_time_s: float = 2.0) -> dict[str, float]:
+    """Median wall time in seconds of each of `fns`, timed side by side: in rounds, each fn
+    in turn runs for as long as the slowest call of the previous round took (at least once),
+    until every fn has `repeats` calls and the rounds have lasted `min_time_s`; all after
+    `warmup` calls and `warmup_s` seconds of calls of each.
+
+    Our VMs have slow spells of a few tenths of a second to several seconds (case A's
+    compiled MSDA forward, 60 calls in a row: ~48 ms, with runs of 100-140 ms). Timed one
+    after the other, a spell could fall on one side of a ratio only (that forward measured
+    76 ms in one run, 41-47 in the others); side by side, in equal spans, both sides see the
+    machine in the same states. And the first calls of a process ran up to 2x slower
+    (~150 ms for that forward's first five calls), hence the warm-up by time."""
+    flush = torch.empty(64 * 2**20, dtype=torch.int8, device=device) if device.type == "cuda" else None
+    for fn in fns.values():
+        start, done = time.perf_counter(), 0
+        while done < warmup or time.perf_counter() - start < warmup_s:
+            fn()
+            done += 1
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    span, start = 0.0, time.perf_counter()
+    while min(map(len, times.values())) < repeats or time.perf_counter() - start < min_time_s:
+        longest = 0.0
+        for name, fn in fns.items():
+            begin = time.perf_counter()
+            while True:
+                times[name].append(_call_seconds(fn, device, flush))
+                longest = max(longest, times[name][-1])
+                if time.perf_counter() - begin >= span:
+                    break
+        span = longest
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1,
+            warmup_s: float = 1.0, min_time_s: float = 2.0) -> float:
+    """Median wall time of fn() in seconds: time_side_by_side of fn alone."""
+    return time_side_by_side({"fn": fn}, device, repeats, warmup, warmup_s, min_time_s)["fn"]
 
 
 def _status_mib(field: str) -> float:
