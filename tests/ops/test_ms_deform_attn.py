@@ -244,6 +244,26 @@ def test_env_variable_selects_reference_path():
     assert out.stdout.strip() == "reference"
 
 
+def test_baseline_instruction_set_matches_reference():
+    """CODETR_CPU_ISA=baseline: the kernels compiled for the x86-64 baseline (SSE2), which
+    this machine, with AVX2, would not run otherwise, pass the parity tests (in a fresh
+    process, since the choice is made once)."""
+    tests = "test_forward_backward_match_reference or test_both_value_layouts or reduced_precision"
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                          "-k", tests], env={**os.environ, "CODETR_CPU_ISA": "baseline"},
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert " passed" in out.stdout and "failed" not in out.stdout
+
+
+def test_unknown_instruction_set_is_a_named_error():
+    code = ("import torch, codetr.ops as o; v = torch.zeros(1, 4, 1, 2); s = torch.tensor([[2, 2]]); "
+            "o.ms_deform_attn(v, s, torch.tensor([0]), torch.rand(1, 4, 1, 1, 1, 2), torch.rand(1, 4, 1, 1, 1))")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "CODETR_CPU_ISA": "sse9"},
+                         capture_output=True, text=True)
+    assert out.returncode != 0 and "CODETR_CPU_ISA must be baseline or avx2" in out.stderr
+
+
 def _bad(**changes):
     args = dict(zip(("value", "spatial_shapes", "level_start_index", "sampling_locations",
                      "attention_weights"), make_inputs([(4, 5), (2, 2)])))
