@@ -16,8 +16,6 @@ TORCH_LIBRARY(codetr, m) {
       "ms_deform_attn_backward(Tensor grad_output, Tensor value, Tensor spatial_shapes, "
       "Tensor level_start_index, Tensor sampling_locations, Tensor attention_weights) "
       "-> (Tensor, Tensor, Tensor)");
-  // Frees the scratch memory that the CPU kernel keeps between calls on this thread.
-  m.def("ms_deform_attn_release_workspace() -> ()");
 
   // Box overlaps (mmdetection's bbox_overlaps): boxes1 [B, N, 4], boxes2 [B, M, 4] xyxy,
   // mode "iou" | "iof" | "giou"  ->  [B, N, M], or [B, N] when aligned (N == M)

@@ -9,7 +9,7 @@ from .giou_loss import generalized_box_iou_loss, generalized_box_iou_loss_refere
 from .atss_assign import atss_assign, atss_assign_reference
 from .max_iou_assign import max_iou_assign, max_iou_assign_reference
 from .ms_deform_attn import (
-    ms_deform_attn, ms_deform_attn_reference, ms_deform_attn_release_workspace,
+    ms_deform_attn, ms_deform_attn_reference,
 )
 from .nms import batched_nms, batched_nms_reference, nms, nms_reference
 from .multiscale_roi_align import MultiScaleRoIAlign, map_roi_levels, multiscale_roi_align
@@ -25,7 +25,6 @@ __all__ = [
     "max_iou_assign_reference",
     "ms_deform_attn",
     "ms_deform_attn_reference",
-    "ms_deform_attn_release_workspace",
     "box_iou",
     "box_iou_reference",
     "generalized_box_iou_loss",

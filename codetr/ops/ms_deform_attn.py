@@ -69,13 +69,9 @@ def ms_deform_attn(
     float32 when value is float16/bfloat16 (coordinates and accumulation stay fp32).
 
     When there are about as many samples as value positions or more (an encoder), the CPU
-    kernel works on a head-major copy of value and, in the backward, accumulates grad_value
-    in a buffer of the same size (fp32 for half value), about N * M * (S + border) * D
-    elements each (the border: a frame of zeros around each level). Fresh memory costs more
-    than the copy, so the calling thread keeps them between calls: the copy from forward to
-    forward (a backward frees it when done, so that the peak memory of forward + backward
-    does not grow), the accumulator from backward to backward.
-    `ms_deform_attn_release_workspace()` frees both.
+    kernel copies value one head at a time into a buffer of that head's maps with a frame of
+    zeros around each level, (S + border) * D elements; its backward has two such buffers
+    per thread (the second accumulates the head's grad_value, fp32 for half value).
     """
     if _extension.use_compiled(OP, value.device):
         return torch.ops.codetr.ms_deform_attn(
@@ -84,14 +80,6 @@ def ms_deform_attn(
     return ms_deform_attn_reference(
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights
     )
-
-
-def ms_deform_attn_release_workspace() -> None:
-    """Frees the scratch memory that the compiled CPU kernel keeps between calls on the
-    calling thread (see `ms_deform_attn`); the next call allocates it again. A no-op
-    without the compiled extension."""
-    if _extension.LOADED:
-        torch.ops.codetr.ms_deform_attn_release_workspace()
 
 
 if _extension.declare(OP):

@@ -126,7 +126,8 @@ CODETR_ALWAYS_INLINE void sum4(const Vec<double>& d0, const Vec<double>& d1,
 
 // Where the kernels find level l of one head's maps: it starts `start[l]` positions into
 // the head's slice of value, and its rows are `stride[l]` positions apart.
-// Padded (the head-major copy of kernel_value): each level is stored with a border of
+// Padded (the copies that forward_kernel and backward_kernel stage, one head's maps
+// contiguous, a position every D elements): each level is stored with a border of
 // zeros, a column on either side, a row above and two below, (H + 3) x (W + 2) positions
 // with pixel (y, x) at (y + 1, x + 1). Every sample that touches the map then has its four
 // corners in the stored block (the border reads as the zeros outside the map), and a
@@ -135,8 +136,13 @@ CODETR_ALWAYS_INLINE void sum4(const Vec<double>& d0, const Vec<double>& d1,
 // case C's samples, those near the edges of its small levels, went through make_sample
 // behind a mispredicted branch.) Unpadded: the maps as they lie in value.
 struct Layout {
-  // Padded when the kernels work on a copy of value (see kernel_value) and its positions
-  // fit the int32 pixels of make_taps.
+  // Padded when the copy pays, every (head, position) sampled about once or more (an
+  // encoder: Q = S, M L P samples per position), and its positions fit the int32 pixels of
+  // make_taps. A head-major copy puts the rows of a level that a block of queries samples
+  // on M times fewer pages, and neighbouring positions in shared cache lines
+  // (single-threaded, case A's kernel took ~133 ms instead of ~230 on value as it lies); a
+  // decoder's 300 queries over an 800 x 1333 memory (case B: forward 7.4 ms with a copy,
+  // 4-5 ms without) read value in place, unpadded.
   Layout(const Dims& d, const int64_t* shapes) {
     build(d, shapes, d.Q * d.L * d.P >= d.S);
     if (padded && positions >= (int64_t{1} << 31)) build(d, shapes, false);
@@ -144,7 +150,7 @@ struct Layout {
   void build(const Dims& d, const int64_t* shapes, bool padded_) {
     padded = padded_;
     positions = 0;
-    H.clear(), W.clear(), start.clear(), stride.clear(), map_start.clear();
+    H.clear(), W.clear(), start.clear(), stride.clear(), map_start.clear(), rows.clear();
     const int64_t pad = padded ? 1 : 0;
     for (int64_t l = 0; l < d.L; ++l) {
       H.push_back(shapes[2 * l]);
@@ -153,12 +159,14 @@ struct Layout {
       start.push_back(positions);
       stride.push_back(W[l] + 2 * pad);
       positions += (H[l] + 3 * pad) * stride[l];
+      for (int64_t y = 0; padded && y < H[l] + 3; ++y) rows.emplace_back(l, y);
     }
   }
   bool padded;
   int64_t positions;  // per head: S, or the padded total
   std::vector<int64_t> H, W, start, stride;
   std::vector<int64_t> map_start;  // the level's first position in value, [N, S, M, D]
+  std::vector<std::pair<int64_t, int64_t>> rows;  // padded: (level, stored row), in order
 };
 
 template <typename scalar_t>
@@ -166,8 +174,8 @@ struct Args {
   using acc_t = acc_type<scalar_t>;
   Dims d;
   const Layout& layout;
-  const scalar_t* value;  // [N, positions, M, D] with strides sn, ss, sm and 1 (kernel_value)
-  int64_t sn, ss, sm;     // element strides of value (and of the grad_value accumulator)
+  const scalar_t* value;  // [N, S, M, D] with strides sn, ss, sm and 1; staged: one head's
+  int64_t sn, ss, sm;     // padded maps, sn = sm = 0 and ss = D (and so grad_value's)
   const acc_t* loc;       // [N, Q, M, L, P, 2]
   const acc_t* attn;      // [N, Q, M, L, P]
   const scalar_t* zero;   // [D] zeros: the row read for corners outside an unpadded map
@@ -481,17 +489,16 @@ CODETR_TARGET_AVX2 void forward_block_avx2(const Args<scalar_t>& a,
 #endif
 
 template <typename scalar_t>
-void forward_kernel(const Args<scalar_t>& a, scalar_t* out) {
+void forward_items(const Args<scalar_t>& a, const Levels<acc_type<scalar_t>>& lv, int64_t first,
+                   int64_t items, scalar_t* out) {
   using acc_t = acc_type<scalar_t>;
-  const Levels<acc_t> lv(a.d, a.layout);
-  const int64_t blocks = (a.d.Q + kBlock - 1) / kBlock;
   parallel_items(
-      a.d.N * a.d.M * blocks, [&] { return Scratch<acc_t>(a.d); },
+      items, [&] { return Scratch<acc_t>(a.d); },
       [&](int64_t item, Scratch<acc_t>& scratch) {
 #ifdef CODETR_MSDA_AVX2
-        if (cpu_has_avx2()) return forward_block_avx2(a, lv, item, out, scratch);
+        if (cpu_has_avx2()) return forward_block_avx2(a, lv, first + item, out, scratch);
 #endif
-        forward_block_baseline(a, lv, item, out, scratch);
+        forward_block_baseline(a, lv, first + item, out, scratch);
       });
 }
 
@@ -548,8 +555,9 @@ CODETR_ALWAYS_INLINE void backward_sample(int64_t D, const scalar_t* g, const sc
 template <typename scalar_t, int64_t kD, bool kDense>
 CODETR_ALWAYS_INLINE void backward_pair(const Args<scalar_t>& a,
                                         const Levels<acc_type<scalar_t>>& lv, int64_t nm,
-                                        const scalar_t* grad_out, acc_type<scalar_t>* grad_value,
-                                        acc_type<scalar_t>* grad_loc,
+                                        const scalar_t* value_nm,
+                                        acc_type<scalar_t>* grad_value_nm,
+                                        const scalar_t* grad_out, acc_type<scalar_t>* grad_loc,
                                         acc_type<scalar_t>* grad_attn,
                                         Scratch<acc_type<scalar_t>>& scratch) {
   using acc_t = acc_type<scalar_t>;
@@ -558,8 +566,6 @@ CODETR_ALWAYS_INLINE void backward_pair(const Args<scalar_t>& a,
   const int64_t row = d.M * D;  // stride between two queries of grad_out
   const int64_t n = nm / d.M, m = nm % d.M;
   const int64_t ss = kDense ? kD : a.ss;
-  const scalar_t* value_nm = a.value + n * a.sn + m * a.sm;
-  acc_t* grad_value_nm = grad_value + n * a.sn + m * a.sm;
   const Taps<acc_t>& t = scratch.taps;
   const int32_t* pixel = t.pixel.data();
   const int32_t* live = t.live.data();
@@ -630,150 +636,161 @@ CODETR_ALWAYS_INLINE void backward_pair(const Args<scalar_t>& a,
   }
 }
 
+#define CODETR_MSDA_BACKWARD_PAIR(scalar_t)                                                   \
+  if (a.d.D == 32 && a.ss == 32)                                                              \
+    return backward_pair<scalar_t, 32, true>(a, lv, nm, v, gv, grad_out, grad_loc, grad_attn, \
+                                             scratch);                                        \
+  if (a.d.D == 32)                                                                            \
+    return backward_pair<scalar_t, 32, false>(a, lv, nm, v, gv, grad_out, grad_loc,           \
+                                              grad_attn, scratch);                            \
+  backward_pair<scalar_t, 0, false>(a, lv, nm, v, gv, grad_out, grad_loc, grad_attn, scratch);
+
 template <typename scalar_t>
 void backward_pair_baseline(const Args<scalar_t>& a, const Levels<acc_type<scalar_t>>& lv,
-                            int64_t nm, const scalar_t* grad_out, acc_type<scalar_t>* grad_value,
-                            acc_type<scalar_t>* grad_loc, acc_type<scalar_t>* grad_attn,
-                            Scratch<acc_type<scalar_t>>& scratch) {
-  if (a.d.D == 32 && a.ss == 32)
-    return backward_pair<scalar_t, 32, true>(a, lv, nm, grad_out, grad_value, grad_loc,
-                                             grad_attn, scratch);
-  if (a.d.D == 32)
-    return backward_pair<scalar_t, 32, false>(a, lv, nm, grad_out, grad_value, grad_loc,
-                                              grad_attn, scratch);
-  backward_pair<scalar_t, 0, false>(a, lv, nm, grad_out, grad_value, grad_loc, grad_attn,
-                                    scratch);
+                            int64_t nm, const scalar_t* v, acc_type<scalar_t>* gv,
+                            const scalar_t* grad_out, acc_type<scalar_t>* grad_loc,
+                            acc_type<scalar_t>* grad_attn, Scratch<acc_type<scalar_t>>& scratch) {
+  CODETR_MSDA_BACKWARD_PAIR(scalar_t)
 }
 
 #ifdef CODETR_MSDA_AVX2
 template <typename scalar_t>
 CODETR_TARGET_AVX2 void backward_pair_avx2(const Args<scalar_t>& a,
                                            const Levels<acc_type<scalar_t>>& lv, int64_t nm,
-                                           const scalar_t* grad_out, acc_type<scalar_t>* grad_value,
-                                           acc_type<scalar_t>* grad_loc,
+                                           const scalar_t* v, acc_type<scalar_t>* gv,
+                                           const scalar_t* grad_out, acc_type<scalar_t>* grad_loc,
                                            acc_type<scalar_t>* grad_attn,
                                            Scratch<acc_type<scalar_t>>& scratch) {
-  if (a.d.D == 32 && a.ss == 32)
-    return backward_pair<scalar_t, 32, true>(a, lv, nm, grad_out, grad_value, grad_loc,
-                                             grad_attn, scratch);
-  if (a.d.D == 32)
-    return backward_pair<scalar_t, 32, false>(a, lv, nm, grad_out, grad_value, grad_loc,
-                                              grad_attn, scratch);
-  backward_pair<scalar_t, 0, false>(a, lv, nm, grad_out, grad_value, grad_loc, grad_attn,
-                                    scratch);
+  CODETR_MSDA_BACKWARD_PAIR(scalar_t)
 }
 #endif
 
+// Stored rows [begin, end) of head (n, m)'s padded maps (layout.rows), between value's
+// layout [N, S, M, D] and one head's padded slice [positions, D]: plain -> head with the
+// border zeroed (kToPadded), or the map positions of head -> plain; cast to dst_t.
+template <bool kToPadded, typename src_t, typename dst_t>
+void copy_rows(const src_t* __restrict src, dst_t* __restrict dst, const Dims& d,
+               const Layout& layout, int64_t n, int64_t m, int64_t begin, int64_t end) {
+  const int64_t D = d.D, MD = d.M * d.D;
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t l = layout.rows[i].first, y = layout.rows[i].second;
+    const int64_t W = layout.W[l], stride = layout.stride[l];
+    const int64_t stored = (layout.start[l] + y * stride) * D;
+    if (y == 0 || y > layout.H[l]) {
+      if (kToPadded) std::fill(dst + stored, dst + stored + stride * D, dst_t(0));
+      continue;
+    }
+    const int64_t map = (n * d.S + layout.map_start[l] + (y - 1) * W) * MD + m * D;
+    if (kToPadded) {
+      std::fill(dst + stored, dst + stored + D, dst_t(0));
+      std::fill(dst + stored + (W + 1) * D, dst + stored + (W + 2) * D, dst_t(0));
+    }
+    for (int64_t x = 0; x < W; ++x) {
+      const int64_t padded = stored + (x + 1) * D, plain = map + x * MD;
+      const src_t* from = src + (kToPadded ? plain : padded);
+      dst_t* to = dst + (kToPadded ? padded : plain);
+      for (int64_t c = 0; c < D; ++c) to[c] = static_cast<dst_t>(from[c]);
+    }
+  }
+}
+
+// An uninitialised buffer of n elements of T, from the CPU allocator.
+template <typename T>
+at::Tensor buffer(int64_t n) {
+  return at::empty({n}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+}
+
+// The padded layout is staged one head at a time, just before the kernels sample it: the
+// forward copies head (n, m)'s maps into a shared [positions, D] buffer (all threads), then
+// runs that head's blocks of queries (all threads); a backward thread copies the maps of
+// the pair it takes into its own buffer, and its grad_value accumulator (another) into
+// grad_value when the pair is done. The copies then sit in L2 or L3 when they are read,
+// and the buffers are one head's, not value-sized. (A head-major copy of all of value
+// first, the way before, left most of it in DRAM by the time it was read, and took two
+// value-sized buffers: case A, one thread, alternating processes, forward min 72.1 -> 51.9
+// ms, backward 192.4 -> 170.2; two threads, forward median 43.6 -> 37.3, backward 116.4 ->
+// 106.0.)
+template <typename scalar_t>
+void forward_kernel(const Args<scalar_t>& a, scalar_t* out) {
+  using acc_t = acc_type<scalar_t>;
+  const Dims& d = a.d;
+  const Layout& layout = a.layout;
+  const Levels<acc_t> lv(d, layout);
+  const int64_t blocks = (d.Q + kBlock - 1) / kBlock;
+  if (!layout.padded) return forward_items(a, lv, 0, d.N * d.M * blocks, out);
+  const at::Tensor head = buffer<scalar_t>(layout.positions * d.D);
+  Args<scalar_t> h = a;  // the kernels read the staged head
+  h.value = head.data_ptr<scalar_t>();
+  h.sn = h.sm = 0;
+  h.ss = d.D;
+  const int64_t rows = static_cast<int64_t>(layout.rows.size());
+  for (int64_t nm = 0; nm < d.N * d.M; ++nm) {
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      copy_rows<true>(a.value, head.data_ptr<scalar_t>(), d, layout, nm / d.M, nm % d.M, begin,
+                      end);
+    });
+    forward_items(h, lv, nm * blocks, blocks, out);
+  }
+}
+
+// A backward thread's scratch, and where a padded layout stages the pair it works on: the
+// head's maps and its grad_value accumulator, [positions, D] each.
+template <typename scalar_t>
+struct Staging {
+  using acc_t = acc_type<scalar_t>;
+  Staging(const Dims& d, int64_t size)
+      : scratch(d), value(buffer<scalar_t>(size)), grad(buffer<acc_t>(size)) {}
+  Scratch<acc_t> scratch;
+  at::Tensor value, grad;
+};
+
+// Padded layout: grad_value, the output, is written from the staged accumulators
+// (grad_value_acc is null). Unpadded: grad_value_acc, [N, S, M, D] zeros, accumulates
+// (grad_value is null).
 template <typename scalar_t>
 void backward_kernel(const Args<scalar_t>& a, const scalar_t* grad_out,
-                     acc_type<scalar_t>* grad_value, acc_type<scalar_t>* grad_loc,
-                     acc_type<scalar_t>* grad_attn) {
+                     acc_type<scalar_t>* grad_value_acc, scalar_t* grad_value,
+                     acc_type<scalar_t>* grad_loc, acc_type<scalar_t>* grad_attn) {
   using acc_t = acc_type<scalar_t>;
-  const Levels<acc_t> lv(a.d, a.layout);
+  const Dims& d = a.d;
+  const Layout& layout = a.layout;
+  const Levels<acc_t> lv(d, layout);
+  Args<scalar_t> h = a;  // the kernels read the staged head
+  if (layout.padded) h.ss = d.D;
+  const int64_t rows = static_cast<int64_t>(layout.rows.size());
+  const int64_t size = layout.padded ? layout.positions * d.D : 0;
   parallel_items(
-      a.d.N * a.d.M, [&] { return Scratch<acc_t>(a.d); },
-      [&](int64_t nm, Scratch<acc_t>& scratch) {
+      d.N * d.M, [&] { return Staging<scalar_t>(d, size); },
+      [&](int64_t nm, Staging<scalar_t>& st) {
+        const int64_t n = nm / d.M, m = nm % d.M;
+        const scalar_t* v;
+        acc_t* gv;
+        if (layout.padded) {
+          v = st.value.template data_ptr<scalar_t>();
+          gv = st.grad.template data_ptr<acc_t>();
+          copy_rows<true>(a.value, st.value.template data_ptr<scalar_t>(), d, layout, n, m, 0,
+                          rows);
+          std::fill(gv, gv + size, acc_t(0));
+        } else {
+          v = a.value + n * a.sn + m * a.sm;
+          gv = grad_value_acc + n * a.sn + m * a.sm;
+        }
 #ifdef CODETR_MSDA_AVX2
         if (cpu_has_avx2())
-          return backward_pair_avx2(a, lv, nm, grad_out, grad_value, grad_loc, grad_attn, scratch);
+          backward_pair_avx2(h, lv, nm, v, gv, grad_out, grad_loc, grad_attn, st.scratch);
+        else
 #endif
-        backward_pair_baseline(a, lv, nm, grad_out, grad_value, grad_loc, grad_attn, scratch);
+          backward_pair_baseline(h, lv, nm, v, gv, grad_out, grad_loc, grad_attn, st.scratch);
+        if (layout.padded) copy_rows<false>(gv, grad_value, d, layout, n, m, 0, rows);
       });
 }
 
-// value [N, S, M, D] -> the padded buffer [N, M, positions, D] of `layout` with its border
-// zeroed (kToPadded), or the buffer's map positions back into [N, S, M, D]; cast to dst_t.
-// In parallel over the stored rows (n, level, row): W positions of M D contiguous values on
-// the [N, S, M, D] side, M rows of W D values on the other. (Written out because
-// permute().contiguous() took ~4x longer on these shapes.)
-template <bool kToPadded, typename src_t, typename dst_t>
-void transpose_padded(const src_t* src, dst_t* dst, const Dims& d, const Layout& layout) {
-  std::vector<std::pair<int64_t, int64_t>> rows;  // (level, stored row) of one batch element
-  for (int64_t l = 0; l < d.L; ++l)
-    for (int64_t y = 0; y < layout.H[l] + 3; ++y) rows.emplace_back(l, y);
-  const int64_t n_rows = static_cast<int64_t>(rows.size()), MD = d.M * d.D;
-  at::parallel_for(0, d.N * n_rows, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t n = i / n_rows, l = rows[i % n_rows].first, y = rows[i % n_rows].second;
-      const int64_t W = layout.W[l], stride = layout.stride[l];
-      const bool border = y == 0 || y > layout.H[l];
-      // The first stored position of this row in head 0's slice, and its map position.
-      const int64_t stored = (n * d.M * layout.positions + layout.start[l] + y * stride) * d.D;
-      const int64_t map = (n * d.S + layout.map_start[l] + (y - 1) * W) * MD;
-      const int64_t head = layout.positions * d.D;  // from one head's slice to the next
-      if (kToPadded) {
-        for (int64_t m = 0; m < d.M; ++m) {
-          dst_t* to = dst + stored + m * head;
-          if (border) {
-            std::fill(to, to + stride * d.D, dst_t(0));
-          } else {
-            std::fill(to, to + d.D, dst_t(0));
-            std::fill(to + (W + 1) * d.D, to + (W + 2) * d.D, dst_t(0));
-          }
-        }
-      }
-      if (border) continue;
-      for (int64_t x = 0; x < W; ++x) {
-        for (int64_t m = 0; m < d.M; ++m) {
-          const int64_t padded = stored + m * head + (x + 1) * d.D, plain = map + x * MD + m * d.D;
-          const src_t* from = src + (kToPadded ? plain : padded);
-          dst_t* to = dst + (kToPadded ? padded : plain);
-          for (int64_t c = 0; c < d.D; ++c) to[c] = static_cast<dst_t>(from[c]);
-        }
-      }
-    }
-  });
-}
-
-// Scratch memory that the calling thread keeps between calls, grown as needed, freed with
-// the thread or by release_workspace: the padded copy of value (slot 0; a backward frees it
-// when done, see there) and the backward's grad_value accumulator (slot 1). On our VMs fresh
-// memory costs more than the work done in it: glibc serves 32 MB and more from fresh mmap
-// pages every call, which the kernel zeroes at first touch (case A's 48 MB copy; forward
-// min 47.0 -> 40.9 ms, backward 123.3 -> 116.7 with both slots kept, alternating
-// processes). The outputs are never workspace.
-thread_local at::Tensor workspace_buffers[2];
-
-at::Tensor workspace(int slot, at::IntArrayRef sizes, at::ScalarType dtype) {
-  const int64_t bytes =
-      c10::multiply_integers(sizes) * static_cast<int64_t>(c10::elementSize(dtype));
-  at::Tensor& buffer = workspace_buffers[slot];
-  if (!buffer.defined() || buffer.numel() < bytes) {
-    buffer = at::Tensor();  // the old buffer goes first
-    buffer = at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
-    advise_huge_pages(buffer);
-  }
-  return buffer.narrow(0, 0, bytes).view(dtype).view(sizes);
-}
-
-void release_workspace() {
-  for (auto& buffer : workspace_buffers) buffer = at::Tensor();
-}
-
-// The value the kernels read, channels contiguous, in one of two layouts (see Layout).
-// Padded, an [N, M, positions, D] buffer: each head's maps contiguous, a position every D
-// elements instead of every M * D, so the rows of one level that a block of queries
-// samples span M times fewer pages and neighbouring positions share cache lines
-// (single-threaded, case A's kernel took ~133 ms instead of ~230), and the border that
-// spares the kernels their tests. It costs a transpose of value, which only pays when every
-// (head, position) is sampled about once or more (the encoder: Q = S, M L P samples per
-// position); a decoder's 300 queries over an 800 x 1333 memory (case B: forward 7.4 ms with
-// it, 4-5 ms without) read value as it is, [N, S, M, D] unpadded (Layout decides).
-template <typename scalar_t>
-at::Tensor kernel_value(const at::Tensor& value, const Dims& d, const Layout& layout) {
-  if (!layout.padded) return value.contiguous();
-  auto out = workspace(0, {d.N, d.M, layout.positions, d.D}, value.scalar_type());
-  const auto src = value.contiguous();
-  transpose_padded<true>(src.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), d, layout);
-  return out;
-}
 
 template <typename scalar_t>
 Args<scalar_t> make_args(const Dims& d, const Layout& layout, const at::Tensor& v,
                          const at::Tensor& loc, const at::Tensor& attn, const scalar_t* zero) {
   using acc_t = acc_type<scalar_t>;
-  const int64_t ss = v.stride(layout.padded ? 2 : 1), sm = v.stride(layout.padded ? 1 : 2);
-  return Args<scalar_t>{d, layout, v.data_ptr<scalar_t>(), v.stride(0), ss, sm,
+  return Args<scalar_t>{d, layout, v.data_ptr<scalar_t>(), v.stride(0), v.stride(1), v.stride(2),
                         loc.data_ptr<acc_t>(), attn.data_ptr<acc_t>(), zero};
 }
 
@@ -792,7 +809,7 @@ at::Tensor ms_deform_attn_cpu(const at::Tensor& value, const at::Tensor& spatial
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(),
                                   "ms_deform_attn_cpu", [&] {
     const auto acc_dtype = c10::CppTypeToScalarType<acc_type<scalar_t>>::value;
-    const auto v = kernel_value<scalar_t>(value, d, layout);
+    const auto v = value.contiguous();
     const auto loc = sampling_locations.to(acc_dtype).contiguous();
     const auto attn = attention_weights.to(acc_dtype).contiguous();
     const std::vector<scalar_t> zero(d.D, scalar_t(0));
@@ -826,35 +843,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(),
                                   "ms_deform_attn_backward_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
-    auto v = kernel_value<scalar_t>(value, d, layout);
+    const auto v = value.contiguous();
     const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
     const auto loc = sampling_locations.to(acc_dtype).contiguous();
     const auto attn = attention_weights.to(acc_dtype).contiguous();
-    // Gradients accumulate in acc_t (fp32 for half/bf16 value) and are cast at the end;
-    // grad_value in the layout of the value the kernel reads (what the kernel adds to the
-    // border of a padded layout is never read).
-    auto grad_value_acc = layout.padded ? workspace(1, v.sizes(), acc_dtype)
-                                        : at::empty(v.sizes(), value.options().dtype(acc_dtype));
-    grad_value_acc.zero_();
+    // Gradients accumulate in acc_t (fp32 for half/bf16 value) and are cast at the end.
+    at::Tensor grad_value_acc;
+    if (layout.padded) {
+      grad_value = at::empty_like(value, contiguous);
+      advise_huge_pages(grad_value);
+    } else {
+      grad_value_acc = at::zeros(v.sizes(), value.options().dtype(acc_dtype));
+    }
     auto grad_loc_acc = grad_loc.to(acc_dtype);
     auto grad_attn_acc = grad_attn.to(acc_dtype);
     const std::vector<scalar_t> zero(d.D, scalar_t(0));
-    backward_kernel<scalar_t>(make_args(d, layout, v, loc, attn, zero.data()),
-                              g.data_ptr<scalar_t>(), grad_value_acc.data_ptr<acc_t>(),
-                              grad_loc_acc.data_ptr<acc_t>(), grad_attn_acc.data_ptr<acc_t>());
-    // The padded copy of value goes before grad_value arrives, workspace or not: the peak
-    // memory of forward + backward stays that of no workspace (holding it measured 0.22 of
-    // the reference's in case A instead of 0.19).
-    v = at::Tensor();
-    if (layout.padded) workspace_buffers[0] = at::Tensor();
-    if (!layout.padded) {
-      grad_value = grad_value_acc.to(value.scalar_type());  // no copy for fp32 / fp64
-    } else {
-      grad_value = at::empty_like(value, contiguous);
-      advise_huge_pages(grad_value);
-      transpose_padded<false>(grad_value_acc.data_ptr<acc_t>(), grad_value.data_ptr<scalar_t>(),
-                              d, layout);
-    }
+    backward_kernel<scalar_t>(
+        make_args(d, layout, v, loc, attn, zero.data()), g.data_ptr<scalar_t>(),
+        layout.padded ? nullptr : grad_value_acc.data_ptr<acc_t>(),
+        layout.padded ? grad_value.data_ptr<scalar_t>() : nullptr,
+        grad_loc_acc.data_ptr<acc_t>(), grad_attn_acc.data_ptr<acc_t>());
+    if (!layout.padded) grad_value = grad_value_acc.to(value.scalar_type());  // fp32: no copy
     if (!grad_loc_acc.is_same(grad_loc)) grad_loc.copy_(grad_loc_acc);
     if (!grad_attn_acc.is_same(grad_attn)) grad_attn.copy_(grad_attn_acc);
   });
@@ -866,11 +875,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
 TORCH_LIBRARY_IMPL(codetr, CPU, m) {
   m.impl("ms_deform_attn", &ms_deform_attn_cpu);
   m.impl("ms_deform_attn_backward", &ms_deform_attn_backward_cpu);
-}
-
-// No tensor arguments, so no backend to dispatch on.
-TORCH_LIBRARY_IMPL(codetr, CompositeExplicitAutograd, m) {
-  m.impl("ms_deform_attn_release_workspace", &release_workspace);
 }
 
 }  // namespace msda

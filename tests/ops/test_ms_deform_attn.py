@@ -94,16 +94,13 @@ def test_both_value_layouts_of_the_cpu_kernel(Q, M, assert_compiled):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9 * max(1.0, b.abs().max().item()))
 
 
-def test_cpu_workspace_across_sizes_dtypes_and_release(assert_compiled):
-    """The CPU kernel keeps its padded copy of value and its grad_value accumulator between
-    calls on a thread, grown as needed: calls that shrink, grow and change dtype, before and
-    after ms_deform_attn_release_workspace, all match the reference."""
+def test_cpu_staging_across_sizes_and_dtypes(assert_compiled):
+    """The CPU kernel stages value one head at a time in buffers of the head's padded size:
+    a sequence of calls that shrink, grow and change dtype all match the reference."""
     assert_compiled(OP)
     calls = [([(9, 11), (5, 6)], torch.float64, 40), ([(3, 4)], torch.float32, 20),
              ([(12, 13), (6, 7)], torch.float32, 60), ([(9, 11), (5, 6)], torch.float64, 40)]
     for i, (levels, dtype, Q) in enumerate(calls + calls):
-        if i == len(calls):
-            codetr.ops.ms_deform_attn_release_workspace()
         value, shapes, starts, loc, attn = make_inputs(levels, N=2, Q=Q, M=2, D=32, P=2, dtype=dtype, seed=i)
         inputs = [t.requires_grad_() if t.is_floating_point() else t for t in (value, shapes, starts, loc, attn)]
         out, ref = ms_deform_attn(*inputs), ms_deform_attn_reference(*inputs)
