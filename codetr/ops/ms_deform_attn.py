@@ -71,7 +71,9 @@ def ms_deform_attn(
     When there are about as many samples as value positions or more (an encoder), the CPU
     kernel copies value one head at a time into a buffer of that head's maps with a frame of
     zeros around each level, (S + border) * D elements; its backward has two such buffers
-    per thread (the second accumulates the head's grad_value, fp32 for half value).
+    per thread (the second accumulates the head's grad_value, fp32 for half value). Each
+    thread keeps its buffers between calls, grown to the largest head seen (3 MB each for
+    an 800 x 1333 image's four levels with D = 32).
     """
     if _extension.use_compiled(OP, value.device):
         return torch.ops.codetr.ms_deform_attn(

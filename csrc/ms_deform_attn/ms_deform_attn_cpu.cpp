@@ -694,18 +694,33 @@ void copy_rows(const src_t* __restrict src, dst_t* __restrict dst, const Dims& d
   }
 }
 
-// An uninitialised buffer of n elements of T, from the CPU allocator.
+// Staging memory that each thread keeps between calls, grown as needed: slot 0 for a
+// head's maps, slot 1 for the backward's grad_value accumulator, one head's padded size
+// each (3.2 MB in case A, 12.3 MB in D). Allocated per call, the buffers came from reused
+// heap or from fresh pages depending on what the process had allocated and freed before
+// (glibc's mmap threshold moves): timed side by side with the grid_sample reference, case
+// C's forward went from 6 to 11.5 ms after a few reference calls, and stayed there.
+// (The forward's calling thread is also thread 0 of the backward's, which stages after the
+// forward is done.)
+thread_local at::Tensor staging_buffers[2];
+
 template <typename T>
-at::Tensor buffer(int64_t n) {
-  return at::empty({n}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+T* staging(int slot, int64_t n) {
+  at::Tensor& buffer = staging_buffers[slot];
+  const int64_t bytes = n * static_cast<int64_t>(sizeof(T));
+  if (!buffer.defined() || buffer.numel() < bytes) {
+    buffer = at::Tensor();  // the old buffer goes first
+    buffer = at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
+  }
+  return reinterpret_cast<T*>(buffer.data_ptr<uint8_t>());
 }
 
 // The padded layout is staged one head at a time, just before the kernels sample it: the
 // forward copies head (n, m)'s maps into a shared [positions, D] buffer (all threads), then
 // runs that head's blocks of queries (all threads); a backward thread copies the maps of
 // the pair it takes into its own buffer, and its grad_value accumulator (another) into
-// grad_value when the pair is done. The copies then sit in L2 or L3 when they are read,
-// and the buffers are one head's, not value-sized. (A head-major copy of all of value
+// grad_value when the pair is done (buffers: staging). The copies then sit in L2 or L3
+// when they are read, and the buffers are one head's, not value-sized. (A head-major copy of all of value
 // first, the way before, left most of it in DRAM by the time it was read, and took two
 // value-sized buffers: case A, one thread, alternating processes, forward min 72.1 -> 51.9
 // ms, backward 192.4 -> 170.2; two threads, forward median 43.6 -> 37.3, backward 116.4 ->
@@ -718,31 +733,19 @@ void forward_kernel(const Args<scalar_t>& a, scalar_t* out) {
   const Levels<acc_t> lv(d, layout);
   const int64_t blocks = (d.Q + kBlock - 1) / kBlock;
   if (!layout.padded) return forward_items(a, lv, 0, d.N * d.M * blocks, out);
-  const at::Tensor head = buffer<scalar_t>(layout.positions * d.D);
+  scalar_t* head = staging<scalar_t>(0, layout.positions * d.D);
   Args<scalar_t> h = a;  // the kernels read the staged head
-  h.value = head.data_ptr<scalar_t>();
+  h.value = head;
   h.sn = h.sm = 0;
   h.ss = d.D;
   const int64_t rows = static_cast<int64_t>(layout.rows.size());
   for (int64_t nm = 0; nm < d.N * d.M; ++nm) {
     at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-      copy_rows<true>(a.value, head.data_ptr<scalar_t>(), d, layout, nm / d.M, nm % d.M, begin,
-                      end);
+      copy_rows<true>(a.value, head, d, layout, nm / d.M, nm % d.M, begin, end);
     });
     forward_items(h, lv, nm * blocks, blocks, out);
   }
 }
-
-// A backward thread's scratch, and where a padded layout stages the pair it works on: the
-// head's maps and its grad_value accumulator, [positions, D] each.
-template <typename scalar_t>
-struct Staging {
-  using acc_t = acc_type<scalar_t>;
-  Staging(const Dims& d, int64_t size)
-      : scratch(d), value(buffer<scalar_t>(size)), grad(buffer<acc_t>(size)) {}
-  Scratch<acc_t> scratch;
-  at::Tensor value, grad;
-};
 
 // Padded layout: grad_value, the output, is written from the staged accumulators
 // (grad_value_acc is null). Unpadded: grad_value_acc, [N, S, M, D] zeros, accumulates
@@ -760,16 +763,16 @@ void backward_kernel(const Args<scalar_t>& a, const scalar_t* grad_out,
   const int64_t rows = static_cast<int64_t>(layout.rows.size());
   const int64_t size = layout.padded ? layout.positions * d.D : 0;
   parallel_items(
-      d.N * d.M, [&] { return Staging<scalar_t>(d, size); },
-      [&](int64_t nm, Staging<scalar_t>& st) {
+      d.N * d.M, [&] { return Scratch<acc_t>(d); },
+      [&](int64_t nm, Scratch<acc_t>& scratch) {
         const int64_t n = nm / d.M, m = nm % d.M;
         const scalar_t* v;
         acc_t* gv;
         if (layout.padded) {
-          v = st.value.template data_ptr<scalar_t>();
-          gv = st.grad.template data_ptr<acc_t>();
-          copy_rows<true>(a.value, st.value.template data_ptr<scalar_t>(), d, layout, n, m, 0,
-                          rows);
+          scalar_t* head = staging<scalar_t>(0, size);
+          copy_rows<true>(a.value, head, d, layout, n, m, 0, rows);
+          v = head;
+          gv = staging<acc_t>(1, size);
           std::fill(gv, gv + size, acc_t(0));
         } else {
           v = a.value + n * a.sn + m * a.sm;
@@ -777,10 +780,10 @@ void backward_kernel(const Args<scalar_t>& a, const scalar_t* grad_out,
         }
 #ifdef CODETR_MSDA_AVX2
         if (cpu_has_avx2())
-          backward_pair_avx2(h, lv, nm, v, gv, grad_out, grad_loc, grad_attn, st.scratch);
+          backward_pair_avx2(h, lv, nm, v, gv, grad_out, grad_loc, grad_attn, scratch);
         else
 #endif
-          backward_pair_baseline(h, lv, nm, v, gv, grad_out, grad_loc, grad_attn, st.scratch);
+          backward_pair_baseline(h, lv, nm, v, gv, grad_out, grad_loc, grad_attn, scratch);
         if (layout.padded) copy_rows<false>(gv, grad_value, d, layout, n, m, 0, rows);
       });
 }
