@@ -316,9 +316,10 @@ struct Scratch {
   explicit Scratch(const Dims& d) : taps(d.L * d.P), row(d.D) {}
   Taps<acc_t> taps;
   std::vector<acc_t> row;  // [D]: forward sums when D is not fixed; backward's write sink
+  int64_t staged = -1;     // the (n, m) pair whose maps this thread staged in this call
 };
 
-constexpr int64_t kBlock = 256;  // queries per work item of the forward
+constexpr int64_t kBlock = 256;  // queries per block of the forward
 
 // One query's coordinates and weights for one head are a slice of its record, so
 // consecutive queries' are a record apart (1 KiB for M=8, L=4, P=4): a stride the hardware
@@ -406,10 +407,9 @@ struct RowSums<acc_t, 0> {
   int64_t D;
 };
 
-// Forward of one work item: (batch n, head m, block of queries); items are numbered with
-// the block fastest, so the threads sweep one head's maps at a time, and a block's queries
-// sample a window of each of the head's maps that stays in L2 while the queries slide over
-// it. Query by query: a query's coordinates and weights for the head are one contiguous
+// Forward of one block of queries of one (batch n, head m) pair: item = (n M + m) blocks +
+// block. A block's queries sample a window of each of the head's maps that stays in L2
+// while the queries slide over it. Query by query: a query's coordinates and weights for the head are one contiguous
 // record (L P samples), prepared by make_taps; its sums (RowSums) run over its samples,
 // and its output row is written once. (Level outer, query inner, kept the block's
 // sums in a scratch buffer and read each record in L pieces: case A's forward took ~15%
@@ -487,20 +487,6 @@ CODETR_TARGET_AVX2 void forward_block_avx2(const Args<scalar_t>& a,
   forward_block<scalar_t, 0, false>(a, lv, item, out, scratch);
 }
 #endif
-
-template <typename scalar_t>
-void forward_items(const Args<scalar_t>& a, const Levels<acc_type<scalar_t>>& lv, int64_t first,
-                   int64_t items, scalar_t* out) {
-  using acc_t = acc_type<scalar_t>;
-  parallel_items(
-      items, [&] { return Scratch<acc_t>(a.d); },
-      [&](int64_t item, Scratch<acc_t>& scratch) {
-#ifdef CODETR_MSDA_AVX2
-        if (cpu_has_avx2()) return forward_block_avx2(a, lv, first + item, out, scratch);
-#endif
-        forward_block_baseline(a, lv, first + item, out, scratch);
-      });
-}
 
 // The backward's channel loop for one sample with corner rows r0..r3 (grad_value rows
 // gv0..gv3): dot[c] = sum over channels of g * r_c (the four sums of sample_grad), and
@@ -715,16 +701,18 @@ T* staging(int slot, int64_t n) {
   return reinterpret_cast<T*>(buffer.data_ptr<uint8_t>());
 }
 
-// The padded layout is staged one head at a time, just before the kernels sample it: the
-// forward copies head (n, m)'s maps into a shared [positions, D] buffer (all threads), then
-// runs that head's blocks of queries (all threads); a backward thread copies the maps of
-// the pair it takes into its own buffer, and its grad_value accumulator (another) into
-// grad_value when the pair is done (buffers: staging). The copies then sit in L2 or L3
-// when they are read, and the buffers are one head's, not value-sized. (A head-major copy of all of value
-// first, the way before, left most of it in DRAM by the time it was read, and took two
-// value-sized buffers: case A, one thread, alternating processes, forward min 72.1 -> 51.9
-// ms, backward 192.4 -> 170.2; two threads, forward median 43.6 -> 37.3, backward 116.4 ->
-// 106.0.)
+// The padded layout is staged one head at a time, just before the kernels sample it: a
+// thread copies the maps of the (n, m) pair it takes into its own [positions, D] buffer,
+// and in the backward its grad_value accumulator (another) into grad_value when the pair
+// is done (buffers: staging). The copies then sit in L2 or L3 when they are read, and the
+// buffers are one head's, not value-sized. (A head-major copy of all of value first, the
+// way before, left most of it in DRAM by the time it was read, and took two value-sized
+// buffers: case A, one thread, alternating processes, forward min 72.1 -> 51.9 ms,
+// backward 192.4 -> 170.2.) The forward's items are a pair's blocks of queries in a few
+// runs, so that each run stages once and the threads need no barrier: with one shared
+// buffer per head, all threads copying and then all sampling, a thread held up by the VM
+// stalled both at each of the 32 barriers of case A (its forward in the benchmark: 31-60
+// ms from run to run, against 33-36 now; case C 6-12 against 5.3-5.4).
 template <typename scalar_t>
 void forward_kernel(const Args<scalar_t>& a, scalar_t* out) {
   using acc_t = acc_type<scalar_t>;
@@ -732,19 +720,36 @@ void forward_kernel(const Args<scalar_t>& a, scalar_t* out) {
   const Layout& layout = a.layout;
   const Levels<acc_t> lv(d, layout);
   const int64_t blocks = (d.Q + kBlock - 1) / kBlock;
-  if (!layout.padded) return forward_items(a, lv, 0, d.N * d.M * blocks, out);
-  scalar_t* head = staging<scalar_t>(0, layout.positions * d.D);
-  Args<scalar_t> h = a;  // the kernels read the staged head
-  h.value = head;
-  h.sn = h.sm = 0;
-  h.ss = d.D;
   const int64_t rows = static_cast<int64_t>(layout.rows.size());
-  for (int64_t nm = 0; nm < d.N * d.M; ++nm) {
-    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-      copy_rows<true>(a.value, head, d, layout, nm / d.M, nm % d.M, begin, end);
-    });
-    forward_items(h, lv, nm * blocks, blocks, out);
-  }
+  // Work items: a pair's blocks in `chunks` runs, enough items for about four per thread.
+  const int64_t pairs = d.N * d.M;
+  const int64_t chunks =
+      std::min(blocks, std::max<int64_t>(1, (4 * at::get_num_threads() + pairs - 1) / pairs));
+  parallel_items(
+      pairs * chunks, [&] { return Scratch<acc_t>(d); },
+      [&](int64_t item, Scratch<acc_t>& scratch) {
+        const int64_t nm = item / chunks, chunk = item % chunks;
+        Args<scalar_t> h = a;
+        if (layout.padded) {  // the kernels read the staged head
+          h.value = staging<scalar_t>(0, layout.positions * d.D);
+          h.sn = h.sm = 0;
+          h.ss = d.D;
+          if (scratch.staged != nm) {
+            copy_rows<true>(a.value, staging<scalar_t>(0, 0), d, layout, nm / d.M, nm % d.M, 0,
+                            rows);
+            scratch.staged = nm;
+          }
+        }
+        for (int64_t b = chunk * blocks / chunks; b < (chunk + 1) * blocks / chunks; ++b) {
+#ifdef CODETR_MSDA_AVX2
+          if (cpu_has_avx2()) {
+            forward_block_avx2(h, lv, nm * blocks + b, out, scratch);
+            continue;
+          }
+#endif
+          forward_block_baseline(h, lv, nm * blocks + b, out, scratch);
+        }
+      });
 }
 
 // Padded layout: grad_value, the output, is written from the staged accumulators
