@@ -409,11 +409,11 @@ struct RowSums<acc_t, 0> {
 
 // Forward of one block of queries of one (batch n, head m) pair: item = (n M + m) blocks +
 // block. A block's queries sample a window of each of the head's maps that stays in L2
-// while the queries slide over it. Query by query: a query's coordinates and weights for the head are one contiguous
-// record (L P samples), prepared by make_taps; its sums (RowSums) run over its samples,
-// and its output row is written once. (Level outer, query inner, kept the block's
-// sums in a scratch buffer and read each record in L pieces: case A's forward took ~15%
-// longer.) Corners off the map read zeros, the padded layout's border or the zero row,
+// while the queries slide over it. Query by query: a query's coordinates and weights for
+// the head are one contiguous record (L P samples), prepared by make_taps; its sums
+// (RowSums) run over its samples, and its output row is written once. (Level outer, query
+// inner, kept the block's sums in a scratch buffer and read each record in L pieces: case
+// A's forward took ~15% longer.) Corners off the map read zeros, the padded layout's border or the zero row,
 // never a neighbouring value with weight 0 (an inf there would leak in as 0 * inf).
 // kD > 0 fixes D at compile time (kD == d.D; D = 32: the paper's 256 channels over 8
 // heads). kDense: value rows are kD apart (a.ss == kD, the padded layout), so a sample's
@@ -651,15 +651,14 @@ CODETR_TARGET_AVX2 void backward_pair_avx2(const Args<scalar_t>& a,
 }
 #endif
 
-// Stored rows [begin, end) of head (n, m)'s padded maps (layout.rows), between value's
-// layout [N, S, M, D] and one head's padded slice [positions, D]: plain -> head with the
-// border zeroed (kToPadded), or the map positions of head -> plain; cast to dst_t.
+// Head (n, m)'s maps between value's layout [N, S, M, D] and the head's padded slice
+// [positions, D], stored row by stored row (layout.rows): plain -> head with the border
+// zeroed (kToPadded), or the map positions of head -> plain; cast to dst_t.
 template <bool kToPadded, typename src_t, typename dst_t>
-void copy_rows(const src_t* __restrict src, dst_t* __restrict dst, const Dims& d,
-               const Layout& layout, int64_t n, int64_t m, int64_t begin, int64_t end) {
+void copy_head(const src_t* __restrict src, dst_t* __restrict dst, const Dims& d,
+               const Layout& layout, int64_t n, int64_t m) {
   const int64_t D = d.D, MD = d.M * d.D;
-  for (int64_t i = begin; i < end; ++i) {
-    const int64_t l = layout.rows[i].first, y = layout.rows[i].second;
+  for (const auto& [l, y] : layout.rows) {
     const int64_t W = layout.W[l], stride = layout.stride[l];
     const int64_t stored = (layout.start[l] + y * stride) * D;
     if (y == 0 || y > layout.H[l]) {
@@ -720,7 +719,6 @@ void forward_kernel(const Args<scalar_t>& a, scalar_t* out) {
   const Layout& layout = a.layout;
   const Levels<acc_t> lv(d, layout);
   const int64_t blocks = (d.Q + kBlock - 1) / kBlock;
-  const int64_t rows = static_cast<int64_t>(layout.rows.size());
   // Work items: a pair's blocks in `chunks` runs, enough items for about four per thread.
   const int64_t pairs = d.N * d.M;
   const int64_t chunks =
@@ -731,14 +729,12 @@ void forward_kernel(const Args<scalar_t>& a, scalar_t* out) {
         const int64_t nm = item / chunks, chunk = item % chunks;
         Args<scalar_t> h = a;
         if (layout.padded) {  // the kernels read the staged head
-          h.value = staging<scalar_t>(0, layout.positions * d.D);
+          scalar_t* head = staging<scalar_t>(0, layout.positions * d.D);
+          if (scratch.staged != nm) copy_head<true>(a.value, head, d, layout, nm / d.M, nm % d.M);
+          scratch.staged = nm;
+          h.value = head;
           h.sn = h.sm = 0;
           h.ss = d.D;
-          if (scratch.staged != nm) {
-            copy_rows<true>(a.value, staging<scalar_t>(0, 0), d, layout, nm / d.M, nm % d.M, 0,
-                            rows);
-            scratch.staged = nm;
-          }
         }
         for (int64_t b = chunk * blocks / chunks; b < (chunk + 1) * blocks / chunks; ++b) {
 #ifdef CODETR_MSDA_AVX2
@@ -765,7 +761,6 @@ void backward_kernel(const Args<scalar_t>& a, const scalar_t* grad_out,
   const Levels<acc_t> lv(d, layout);
   Args<scalar_t> h = a;  // the kernels read the staged head
   if (layout.padded) h.ss = d.D;
-  const int64_t rows = static_cast<int64_t>(layout.rows.size());
   const int64_t size = layout.padded ? layout.positions * d.D : 0;
   parallel_items(
       d.N * d.M, [&] { return Scratch<acc_t>(d); },
@@ -775,7 +770,7 @@ void backward_kernel(const Args<scalar_t>& a, const scalar_t* grad_out,
         acc_t* gv;
         if (layout.padded) {
           scalar_t* head = staging<scalar_t>(0, size);
-          copy_rows<true>(a.value, head, d, layout, n, m, 0, rows);
+          copy_head<true>(a.value, head, d, layout, n, m);
           v = head;
           gv = staging<acc_t>(1, size);
           std::fill(gv, gv + size, acc_t(0));
@@ -789,7 +784,7 @@ void backward_kernel(const Args<scalar_t>& a, const scalar_t* grad_out,
         else
 #endif
           backward_pair_baseline(h, lv, nm, v, gv, grad_out, grad_loc, grad_attn, scratch);
-        if (layout.padded) copy_rows<false>(gv, grad_value, d, layout, n, m, 0, rows);
+        if (layout.padded) copy_head<false>(gv, grad_value, d, layout, n, m);
       });
 }
 
