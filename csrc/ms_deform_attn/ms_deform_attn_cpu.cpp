@@ -467,13 +467,19 @@ CODETR_ALWAYS_INLINE void forward_block(const Args<scalar_t>& a,
   }
 }
 
+// The instruction-set variants below (baseline, and AVX2 where the compiler has it) run
+// the same always-inlined kernels, with D = 32 (and value rows 32 apart) fixed at compile
+// time where that holds.
+#define CODETR_MSDA_FORWARD_BLOCK(scalar_t)                                                   \
+  if (a.d.D == 32 && a.ss == 32)                                                              \
+    return forward_block<scalar_t, 32, true>(a, lv, item, out, scratch);                      \
+  if (a.d.D == 32) return forward_block<scalar_t, 32, false>(a, lv, item, out, scratch);     \
+  forward_block<scalar_t, 0, false>(a, lv, item, out, scratch);
+
 template <typename scalar_t>
 void forward_block_baseline(const Args<scalar_t>& a, const Levels<acc_type<scalar_t>>& lv,
                             int64_t item, scalar_t* out, Scratch<acc_type<scalar_t>>& scratch) {
-  if (a.d.D == 32 && a.ss == 32)
-    return forward_block<scalar_t, 32, true>(a, lv, item, out, scratch);
-  if (a.d.D == 32) return forward_block<scalar_t, 32, false>(a, lv, item, out, scratch);
-  forward_block<scalar_t, 0, false>(a, lv, item, out, scratch);
+  CODETR_MSDA_FORWARD_BLOCK(scalar_t)
 }
 
 #ifdef CODETR_MSDA_AVX2
@@ -481,10 +487,7 @@ template <typename scalar_t>
 CODETR_TARGET_AVX2 void forward_block_avx2(const Args<scalar_t>& a,
                                            const Levels<acc_type<scalar_t>>& lv, int64_t item,
                                            scalar_t* out, Scratch<acc_type<scalar_t>>& scratch) {
-  if (a.d.D == 32 && a.ss == 32)
-    return forward_block<scalar_t, 32, true>(a, lv, item, out, scratch);
-  if (a.d.D == 32) return forward_block<scalar_t, 32, false>(a, lv, item, out, scratch);
-  forward_block<scalar_t, 0, false>(a, lv, item, out, scratch);
+  CODETR_MSDA_FORWARD_BLOCK(scalar_t)
 }
 #endif
 
