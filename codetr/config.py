@@ -1,9 +1,14 @@
 """Dataclass configs, named presets, and the builder that turns them into objects.
 
 Presets:
-  deformable_detr_pp_r50   the paper's Deformable-DETR++ (Co-DETR K=0) on ResNet-50.
+  deformable_detr_pp_r50   the official Co-Deformable-DETR query head (Co-DETR K=0) on ResNet-50.
   deformable_detr_pp_lite0 a CPU-sized variant on EfficientNet-Lite0 (see its comments).
-  co_deformable_detr_r50, co_deformable_detr_lite0: the same with K = 2 (ATSS + R-CNN).
+  co_deformable_detr_r50, co_deformable_detr_lite0: the same with K = 2 (ATSS + R-CNN); the
+      r50 one is the official Co-Deformable-DETR R50 (``codetr convert --from official``
+      loads its released checkpoint).
+Every preset uses the official architecture; our variants (``query_pos="dynamic"``,
+``encoder_head="agnostic"``, ``batch_invariant=True``, ``co.head_embed="vector"``) are
+options (see models/deformable_detr.py).
 """
 from __future__ import annotations
 
@@ -79,7 +84,7 @@ class CoDETRConfig:
     num_adapter_levels: int = 5  # J
     min_group_size: int = 9
     max_group_size: int = 300
-    head_embed: Literal["vector", "scalar"] = "vector"
+    head_embed: Literal["scalar", "vector"] = "scalar"  # the official's one number per head
     # Per-head constructor options over the paper defaults, e.g. {"rcnn": {"fc_channels": 512}}.
     head_options: dict = field(default_factory=dict)
 
@@ -95,13 +100,19 @@ class DetectorConfig:
     num_queries: int = 300
     num_detections: int = 100
     proposal_size: float = 0.05
+    # Official Co-Deformable-DETR unless changed (see models/deformable_detr.py).
+    query_pos: Literal["static", "dynamic"] = "static"
+    mixed_selection: bool = True
+    encoder_head: Literal["official", "agnostic"] = "official"
+    batch_invariant: bool = False
 
 
 PRESETS: dict[str, DetectorConfig] = {
     # Deformable-DETR++ R50, 12 epochs (Co-DETR's K=0 baseline): DETR's 480-800 multi-scale
     # training with max 1333, AdamW 2e-4, backbone/offsets/reference lr x0.1, wd 1e-4,
     # grad clip 0.1, lr drop at epoch 11, 300 queries, 6+6 layers, FFN 2048.
-    "deformable_detr_pp_r50": DetectorConfig(),
+    # Pad to a multiple of 1 (no rounding), as the official pipeline.
+    "deformable_detr_pp_r50": DetectorConfig(data=DataConfig(size_divisibility=1)),
     # CPU-sized: EfficientNet-Lite0 (4.7M params, 0.4 GFLOPs at 224 px vs ResNet-50's 4.1),
     # short side 384-512 and max 640 (about 4x fewer pixels than 800x1333), 3+3 layers,
     # FFN 1024: the transformer is then ~1/3 of the R50 one; d_model stays 256 so the
@@ -187,8 +198,8 @@ def build_model(cfg: Union[str, DetectorConfig], num_classes: int, aux_heads: Op
                 lambda1: Optional[float] = None, lambda2: Optional[float] = None, **overrides):
     """Build a Co-DETR model (``CoDETR``, with its criterion) from a preset name or config.
 
-    aux_heads: names among AUX_HEAD_CLASSES (None: the preset's); ``()`` gives exactly the
-    Deformable-DETR++ baseline. lambda1 / lambda2: None keeps the preset's (1, 2).
+    aux_heads: names among AUX_HEAD_CLASSES (None: the preset's); ``()`` gives the
+    Deformable-DETR++ baseline (``model.detector``, bit for bit). lambda1 / lambda2: None keeps the preset's (1, 2).
     ``overrides`` set config fields by dotted name, e.g. ``**{"transformer.d_model": 128}``,
     or with ``__`` for the dot: ``transformer__d_model=128``. The model's ``config`` holds
     the final DetectorConfig.
@@ -197,6 +208,7 @@ def build_model(cfg: Union[str, DetectorConfig], num_classes: int, aux_heads: Op
     from codetr.losses import SetCriterion
     from codetr.models.adapter import MultiScaleAdapter, SingleScaleAdapter
     from codetr.models.co_detr import CoDETR
+    from codetr.models.deformable_detr import DeformableDETRPP
     from codetr.models.neck import ChannelMapper
     from codetr.models.transformer import DeformableDecoder, DeformableEncoder
 
@@ -214,10 +226,15 @@ def build_model(cfg: Union[str, DetectorConfig], num_classes: int, aux_heads: Op
     kw = dict(d_model=t.d_model, dim_ff=t.dim_feedforward, n_levels=t.num_levels, n_heads=t.n_heads,
               n_points=t.n_points, dropout=t.dropout)
     encoder = DeformableEncoder(num_layers=t.num_encoder_layers, **kw)
-    decoder = DeformableDecoder(num_layers=t.num_decoder_layers, **kw)
+    decoder = DeformableDecoder(num_layers=t.num_decoder_layers, dynamic_query_pos=cfg.query_pos == "dynamic", **kw)
     matcher = HungarianMatcher(lc.weight_cls, lc.weight_bbox, lc.weight_giou, lc.focal_alpha, lc.focal_gamma)
     criterion = SetCriterion(num_classes, matcher, lc.weight_cls, lc.weight_bbox, lc.weight_giou,
                              lc.focal_alpha, lc.focal_gamma)
+    detector = DeformableDETRPP(backbone, neck, encoder, decoder, num_classes, num_queries=cfg.num_queries,
+                                criterion=criterion, num_levels=t.num_levels, proposal_size=cfg.proposal_size,
+                                num_detections=cfg.num_detections, query_pos=cfg.query_pos,
+                                mixed_selection=cfg.mixed_selection, encoder_head=cfg.encoder_head,
+                                batch_invariant=cfg.batch_invariant)
     heads, adapter = {}, None
     if co.aux_heads:
         # The encoder's levels are strides 8.. x2 (one stride-32 level for single-scale).
@@ -227,9 +244,7 @@ def build_model(cfg: Union[str, DetectorConfig], num_classes: int, aux_heads: Op
         strides = [8 * 2 ** j for j in range(J)]
         heads = {name: build_aux_head(name, num_classes, t.d_model, strides, **co.head_options.get(name, {}))
                  for name in co.aux_heads}
-    model = CoDETR(backbone, neck, encoder, decoder, num_classes, num_queries=cfg.num_queries, criterion=criterion,
-                   num_levels=t.num_levels, proposal_size=cfg.proposal_size, num_detections=cfg.num_detections,
-                   aux_heads=heads, adapter=adapter, lambda1=co.lambda1, lambda2=co.lambda2,
+    model = CoDETR(detector, adapter, heads, lambda1=co.lambda1, lambda2=co.lambda2,
                    min_group_size=co.min_group_size, max_group_size=co.max_group_size, head_embed=co.head_embed)
     model.config = cfg
     return model
@@ -254,8 +269,9 @@ def build_aux_head(name: str, num_classes: int, in_channels: int = 256, strides:
 
 
 def build_detector(cfg: Union[str, DetectorConfig], num_classes: int, **overrides):
-    """The Deformable-DETR++ baseline: ``build_model`` with no auxiliary heads."""
-    return build_model(cfg, num_classes, aux_heads=(), **overrides)
+    """The base detector alone (Deformable-DETR++, with its criterion and ``config``):
+    ``build_model`` with no auxiliary heads, unwrapped."""
+    return build_model(cfg, num_classes, aux_heads=(), **overrides).inference_model()
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:

@@ -136,10 +136,10 @@ def image_maps(model, dataset, indices: Sequence[int], device="cpu", size_divisi
     for i in indices:
         image, target = dataset[i]
         images, masks, _ = collate([(image, target)], size_divisibility)
-        enc = model.encode(images.to(device), masks.to(device))
-        score = score_maps(enc["memory"], enc["padding_mask"], enc["spatial_shapes"])[0].cpu()
+        enc = getattr(model, "detector", model).encode(images.to(device), masks.to(device))
+        score = score_maps(enc.memory, enc.padding_mask, enc.spatial_shapes)[0].cpu()
         # The finest level's stride: padded image size over that level's (padded) size.
-        shapes = enc["spatial_shapes"].tolist()
+        shapes = enc.spatial_shapes.tolist()
         hf, wf = max(shapes, key=lambda s: s[0] * s[1])
         stride = (images.shape[-2] / hf, images.shape[-1] / wf)
         shown = (image * std + mean).clamp(0, 1).permute(1, 2, 0)

@@ -51,13 +51,14 @@ def last_layer_assignment(model, images: torch.Tensor, masks: torch.Tensor, targ
     "labels" [G] -> B lists of Q ints (gt index per query, -1 unmatched). The model runs in
     eval mode (no dropout) and is put back in its previous mode.
     """
+    from codetr.models.detector import normalise_targets
+
     was_training = model.training
     model.eval()
+    det = getattr(model, "detector", model)  # a CoDETR or its base detector
     try:
-        enc = model.encode(images, masks)
-        query, ref, _ = model.select_queries(enc)
-        out = model.decode(query, ref, enc)
-        indices = model.criterion.matcher(out, model.normalise_targets(targets, masks))
+        out = det.detect(det.encode(images, masks))
+        indices = det.criterion.matcher(out, normalise_targets(targets, masks))
     finally:
         model.train(was_training)
     num_queries = out["pred_logits"].shape[1]

@@ -31,7 +31,8 @@ class MaskedGroupNorm(nn.GroupNorm):
 class ChannelMapper(nn.Module):
     """Per input level a 1x1 conv + GroupNorm(32) to ``out_channels``, plus ``num_extra``
     levels made by 3x3 stride-2 conv + GroupNorm, the first on the last *backbone* map (as in
-    Deformable DETR), the next ones on the previous extra level.
+    Deformable DETR), the next ones on the previous extra level. The convs have no bias, as
+    mmdetection's ConvModule before a norm (the official checkpoints have none).
 
     Args:
         in_channels: channels of each backbone map.
@@ -46,14 +47,14 @@ class ChannelMapper(nn.Module):
     def __init__(self, in_channels: Sequence[int], out_channels: int = 256, num_extra: int = 1,
                  num_groups: int = 32):
         super().__init__()
-        self.convs = nn.ModuleList(nn.Conv2d(c, out_channels, 1) for c in in_channels)
+        self.convs = nn.ModuleList(nn.Conv2d(c, out_channels, 1, bias=False) for c in in_channels)
         self.norms = nn.ModuleList(MaskedGroupNorm(num_groups, out_channels) for _ in in_channels)
         extra_in = [in_channels[-1]] + [out_channels] * (num_extra - 1)
-        self.extra_convs = nn.ModuleList(nn.Conv2d(c, out_channels, 3, stride=2, padding=1) for c in extra_in)
+        self.extra_convs = nn.ModuleList(nn.Conv2d(c, out_channels, 3, stride=2, padding=1, bias=False)
+                                         for c in extra_in)
         self.extra_norms = nn.ModuleList(MaskedGroupNorm(num_groups, out_channels) for _ in extra_in)
         for conv in [*self.convs, *self.extra_convs]:
             nn.init.xavier_uniform_(conv.weight)
-            nn.init.zeros_(conv.bias)
 
     def forward(self, features: list[torch.Tensor], mask: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
         mask = drop_empty_mask(mask)

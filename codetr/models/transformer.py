@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .detector import Memory
 from .ms_deform_attn import MSDeformAttn
 from .position_encoding import coord_sine_embed
 
@@ -121,59 +122,46 @@ class DeformableDecoder(nn.Module):
     """Decoder with iterative box refinement. It owns one box head per layer (``bbox_heads``)
     because each layer's refined boxes are the next layer's references.
 
-    The forward takes the queries and reference boxes as arguments (it is not tied to the
-    two-stage selection), so Co-DETR can run extra query groups (customised positive queries)
-    through the same decoder.
+    The forward takes the queries, their positions and reference boxes as arguments (it is
+    not tied to the two-stage selection), so Co-DETR can run extra query groups (customised
+    positive queries) through the same decoder.
 
-    Args: d_model, num_layers, dim_ff, n_levels, n_heads, n_points, dropout.
+    Args: d_model, num_layers, dim_ff, n_levels, n_heads, n_points, dropout;
+        dynamic_query_pos: False (official Deformable-DETR / Co-DETR): every layer uses the
+            ``query_pos`` it is given, unchanged. True (DINO / DAB style, our variant): a
+            ``ref_point_head`` MLP recomputes the position from each layer's current
+            reference box, sine(cx, cy, w, h) -> 2-layer MLP, and adds ``query_pos`` if given.
     """
 
     def __init__(self, d_model: int = 256, num_layers: int = 6, dim_ff: int = 2048, n_levels: int = 4,
-                 n_heads: int = 8, n_points: int = 4, dropout: float = 0.0):
+                 n_heads: int = 8, n_points: int = 4, dropout: float = 0.0, dynamic_query_pos: bool = False):
         super().__init__()
         layer = DecoderLayer(d_model, dim_ff, n_levels, n_heads, n_points, dropout)
         self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
         self.d_model = d_model
-        # Query positions from the current reference boxes, recomputed every layer (DINO):
-        # sine(cx, cy, w, h) -> 2-layer MLP.
-        self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
+        self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2) if dynamic_query_pos else None
         self.bbox_heads = nn.ModuleList(MLP(d_model, d_model, 4, 3) for _ in range(num_layers))
         for head in self.bbox_heads:
             # Start as the identity refinement: boxes equal their references.
             nn.init.zeros_(head.layers[-1].weight)
             nn.init.zeros_(head.layers[-1].bias)
 
-    def project_memory(self, memory: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
-        """memory [B, S, C] -> each layer's cross-attention values [B, S, M, C/M]."""
-        return [layer.cross_attn.project_value(memory, padding_mask) for layer in self.layers]
+    def project_memory(self, memory: Memory) -> list[torch.Tensor]:
+        """Each layer's cross-attention values [B, S, M, C/M] of ``memory``."""
+        return [layer.cross_attn.project_value(memory.memory, memory.padding_mask) for layer in self.layers]
 
-    def forward(
-        self,
-        query: torch.Tensor,
-        reference_boxes: torch.Tensor,
-        memory: torch.Tensor,
-        spatial_shapes: torch.Tensor,
-        level_start_index: torch.Tensor,
-        valid_ratios: torch.Tensor,
-        memory_padding_mask: Optional[torch.Tensor] = None,
-        self_attn_mask: Optional[torch.Tensor] = None,
-        query_pos: Optional[torch.Tensor] = None,
-        memory_values: Optional[list[torch.Tensor]] = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, query: torch.Tensor, query_pos: Optional[torch.Tensor], reference_boxes: torch.Tensor,
+                memory: Memory, self_attn_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """
         Args:
             query: [B, Q, C] content queries.
-            reference_boxes: [B, Q, 4] initial boxes (cx, cy, w, h) in [0, 1] of the unpadded
-                image; treated as constants (detach them if they come from a network).
-            memory: [B, S, C] encoder output.
-            spatial_shapes: [L, 2]; level_start_index: [L]; valid_ratios: [B, L, 2].
-            memory_padding_mask: [B, S] True on padding.
+            query_pos: [B, Q, C] query positions (required unless dynamic_query_pos).
+            reference_boxes: [B, Q, 4] initial boxes (cx, cy, w, h) of the unpadded image,
+                usually in [0, 1]; treated as constants (detach them if they come from a
+                network).
+            memory: the encoder output (``Memory``; its ``values`` are used when set).
             self_attn_mask: optional [Q, Q] or [B * n_heads, Q, Q] bool mask (True = blocked)
                 for query groups that must not see each other.
-            query_pos: optional [B, Q, C] added to every layer's box-derived query position
-                (Co-DETR's positive queries carry the position half of their box embedding).
-            memory_values: optional ``project_memory(memory, memory_padding_mask)``, computed
-                once when several query groups attend to the same memory.
         Returns:
             hidden: [num_layers, B, Q, C] every layer's output queries.
             boxes: [num_layers, B, Q, 4] every layer's predicted boxes (cx, cy, w, h) in [0, 1].
@@ -181,18 +169,22 @@ class DeformableDecoder(nn.Module):
                 box, so layer i's loss also trains layer i-1's box head; the reference that
                 layer i+1 samples around is detached (stable refinement).
         """
+        if query_pos is None and self.ref_point_head is None:
+            raise ValueError("query_pos is required when the decoder's query position is static")
         ref = reference_boxes.detach()
         prev_box = ref  # layer i-1's refined box, undetached (the input boxes for layer 0)
         hidden, boxes = [], []
-        vr = torch.cat((valid_ratios, valid_ratios), -1)[:, None]  # [B, 1, L, 4]
+        vr = torch.cat((memory.valid_ratios, memory.valid_ratios), -1)[:, None]  # [B, 1, L, 4]
         out = query
         for i, layer in enumerate(self.layers):
             ref_input = ref[:, :, None] * vr  # boxes in each level's padded frame
-            pos = self.ref_point_head(coord_sine_embed(ref, self.d_model // 2))
-            pos = pos if query_pos is None else pos + query_pos
-            value = memory if memory_values is None else memory_values[i]
-            out = layer(out, pos, ref_input, value, spatial_shapes, level_start_index,
-                        memory_padding_mask, self_attn_mask)
+            pos = query_pos
+            if self.ref_point_head is not None:
+                pos = self.ref_point_head(coord_sine_embed(ref, self.d_model // 2))
+                pos = pos if query_pos is None else pos + query_pos
+            value = memory.memory if memory.values is None else memory.values[i]
+            out = layer(out, pos, ref_input, value, memory.spatial_shapes, memory.level_start_index,
+                        memory.padding_mask, self_attn_mask)
             delta = self.bbox_heads[i](out)
             # Same value as `refined`, but the gradient also reaches layer i-1's box head.
             boxes.append((delta + inverse_sigmoid(prev_box)).sigmoid())

@@ -56,18 +56,22 @@ class AuxPositives:
     neg_feats: list[torch.Tensor]
 
 
-def level_centers(shape: Sequence[int], stride: float, device, dtype=torch.float32) -> torch.Tensor:
-    """[H * W, 2] (x, y) pixel centres ((i + 0.5) * stride) of a level's cells, row-major
-    (the order of ``feat.flatten(2)``)."""
+def level_centers(shape: Sequence[int], stride: float, device, dtype=torch.float32,
+                  offset: float = 0.0) -> torch.Tensor:
+    """[H * W, 2] (x, y) = ((i + offset) * stride) of a level's cells, row-major (the order
+    of ``feat.flatten(2)``). offset 0 puts anchors at the cell's top-left corner, as
+    mmdetection's AnchorGenerator (center_offset=0) in the official Co-DETR heads; point
+    heads (FCOS) use 0.5, the cell centre."""
     H, W = int(shape[0]), int(shape[1])
     ys, xs = torch.meshgrid(torch.arange(H, device=device, dtype=dtype), torch.arange(W, device=device, dtype=dtype),
                             indexing="ij")
-    return torch.stack(((xs.reshape(-1) + 0.5) * stride, (ys.reshape(-1) + 0.5) * stride), -1)
+    return torch.stack(((xs.reshape(-1) + offset) * stride, (ys.reshape(-1) + offset) * stride), -1)
 
 
 def level_anchors(shape: Sequence[int], stride: float, base_sizes: Sequence[float], ratios: Sequence[float],
                   device, dtype=torch.float32) -> torch.Tensor:
-    """[H * W * A, 4] xyxy anchors centred on each cell, A = len(base_sizes) * len(ratios),
+    """[H * W * A, 4] xyxy anchors centred on each cell's ``level_centers`` (offset 0, as
+    mmdetection), A = len(base_sizes) * len(ratios),
     cell-major (the A anchors of a cell are contiguous, matching a conv output
     [B, A * k, H, W] permuted to [B, H, W, A, k]). ratio = h / w, area = base_size ** 2."""
     centers = level_centers(shape, stride, device, dtype)

@@ -163,7 +163,7 @@ class FCOSHead(nn.Module):
         device = feats[0].device
         pts, lvl = [], []
         for j, x in enumerate(feats):
-            c = level_centers(x.shape[-2:], self.strides[j], device)
+            c = level_centers(x.shape[-2:], self.strides[j], device, offset=0.5)
             pts.append(c)
             lvl.append(torch.full((c.shape[0],), j, dtype=torch.long, device=device))
         lvl = torch.cat(lvl)
