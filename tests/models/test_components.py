@@ -4,6 +4,7 @@ import torch
 from codetr.config import PRESETS, build_detector, get_preset, param_groups
 from codetr.models.neck import ChannelMapper, MaskedGroupNorm
 from codetr.models.position_encoding import PositionEmbeddingSine
+from codetr.models.detector import Memory
 from codetr.models.transformer import DeformableDecoder
 
 
@@ -40,37 +41,46 @@ def test_channel_mapper_levels():
     assert [tuple(o.shape) for o in outs] == [(2, 64, 16, 16), (2, 64, 8, 8), (2, 64, 4, 4), (2, 64, 2, 2)]
 
 
-def test_decoder_runs_extra_query_groups():
-    """Co-DETR's customised positive queries: given content queries and reference boxes, one
-    decoder pass per group, or one pass with groups blocked from each other."""
+def _memory(memory, shapes, vr):
+    start = torch.cat((shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]))
+    return Memory(memory, torch.zeros(memory.shape[:2], dtype=torch.bool), shapes, start, vr)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_decoder_runs_extra_query_groups(dynamic):
+    """Co-DETR's customised positive queries: given content queries, positions and
+    reference boxes, one decoder pass per group, or one pass with groups blocked from each
+    other."""
     torch.manual_seed(0)
-    dec = DeformableDecoder(d_model=32, num_layers=2, dim_ff=64, n_levels=2, n_heads=4, n_points=2).eval()
-    shapes = torch.tensor([[8, 8], [4, 4]])
-    start = torch.tensor([0, 64])
-    memory = torch.randn(1, 80, 32)
-    vr = torch.ones(1, 2, 2)
-    q = torch.randn(1, 6, 32)
+    dec = DeformableDecoder(d_model=32, num_layers=2, dim_ff=64, n_levels=2, n_heads=4, n_points=2,
+                            dynamic_query_pos=dynamic).eval()
+    mem = _memory(torch.randn(1, 80, 32), torch.tensor([[8, 8], [4, 4]]), torch.ones(1, 2, 2))
+    q, pos = torch.randn(1, 6, 32), torch.randn(1, 6, 32)
     boxes = torch.rand(1, 6, 4) * 0.5 + 0.25
-    hidden, out_boxes = dec(q, boxes, memory, shapes, start, vr)
+    hidden, out_boxes = dec(q, pos, boxes, mem)
     assert hidden.shape == (2, 1, 6, 32) and out_boxes.shape == (2, 1, 6, 4)
     # bbox heads start as the identity: layer-0 boxes equal the references
     torch.testing.assert_close(out_boxes[0], boxes, atol=1e-5, rtol=1e-5)
     # two groups of 3 in one pass with a block-diagonal mask == two separate passes
     blocked = torch.ones(6, 6, dtype=torch.bool)
     blocked[:3, :3] = blocked[3:, 3:] = False
-    joint, _ = dec(q, boxes, memory, shapes, start, vr, self_attn_mask=blocked)
-    first, _ = dec(q[:, :3], boxes[:, :3], memory, shapes, start, vr)
-    second, _ = dec(q[:, 3:], boxes[:, 3:], memory, shapes, start, vr)
+    joint, _ = dec(q, pos, boxes, mem, self_attn_mask=blocked)
+    first, _ = dec(q[:, :3], pos[:, :3], boxes[:, :3], mem)
+    second, _ = dec(q[:, 3:], pos[:, 3:], boxes[:, 3:], mem)
     torch.testing.assert_close(joint, torch.cat((first, second), 2), atol=1e-5, rtol=1e-5)
     # the memory projected once (shared by the groups) gives the same outputs and gradients
-    memory.requires_grad_(True)
-    values = dec.project_memory(memory)
+    mem.memory.requires_grad_(True)
+    values = dec.project_memory(mem)
     assert len(values) == 2 and values[0].shape == (1, 80, 4, 8)
-    shared, _ = dec(q, boxes, memory, shapes, start, vr, memory_values=values)
+    shared, _ = dec(q, pos, boxes, mem.with_values(values))
     torch.testing.assert_close(shared, hidden, rtol=0, atol=0)
-    g_shared, = torch.autograd.grad(shared.sum(), memory)
-    g_plain, = torch.autograd.grad(dec(q, boxes, memory, shapes, start, vr)[0].sum(), memory)
+    g_shared, = torch.autograd.grad(shared.sum(), mem.memory)
+    g_plain, = torch.autograd.grad(dec(q, pos, boxes, mem)[0].sum(), mem.memory)
     torch.testing.assert_close(g_shared, g_plain)
+    # a static decoder uses the position it is given on every layer: no position, no pass
+    if not dynamic:
+        with pytest.raises(ValueError, match="query_pos is required"):
+            dec(q, None, boxes, mem)
 
 
 def test_look_forward_twice_gradient_path():
@@ -80,9 +90,8 @@ def test_look_forward_twice_gradient_path():
     dec = DeformableDecoder(d_model=32, num_layers=2, dim_ff=64, n_levels=1, n_heads=4, n_points=2)
     for head in dec.bbox_heads:  # non-zero deltas so gradients are informative
         torch.nn.init.normal_(head.layers[-1].weight, std=0.1)
-    memory = torch.randn(1, 16, 32)
-    args = (memory, torch.tensor([[4, 4]]), torch.tensor([0]), torch.ones(1, 1, 2))
-    _, boxes = dec(torch.randn(1, 3, 32), torch.rand(1, 3, 4) * 0.5 + 0.25, *args)
+    mem = _memory(torch.randn(1, 16, 32), torch.tensor([[4, 4]]), torch.ones(1, 1, 2))
+    _, boxes = dec(torch.randn(1, 3, 32), torch.randn(1, 3, 32), torch.rand(1, 3, 4) * 0.5 + 0.25, mem)
     boxes[1].sum().backward()
     assert dec.bbox_heads[0].layers[-1].weight.grad.abs().sum() > 0
 

@@ -46,7 +46,7 @@ def brute_anchors(octave_base_scale=8.0):
         half = octave_base_scale * s / 2
         for y in range(H):
             for x in range(W):
-                cx, cy = (x + 0.5) * s, (y + 0.5) * s
+                cx, cy = x * s, y * s  # mmdetection AnchorGenerator, center_offset=0
                 out.append(([cx - half, cy - half, cx + half, cy + half], j, y, x))
     return out
 

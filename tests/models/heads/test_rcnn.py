@@ -56,7 +56,7 @@ def ref_anchors(H, W, s, scales, ratios):
     boxes, centers = [], []
     for y in range(H):
         for x in range(W):
-            cx, cy = (x + 0.5) * s, (y + 0.5) * s
+            cx, cy = float(x * s), float(y * s)  # mmdetection AnchorGenerator, center_offset=0
             for r in ratios:
                 for k in scales:
                     w = k * s / math.sqrt(r)

@@ -44,7 +44,7 @@ def brute_anchors():
     for j, ((H, W), s) in enumerate(zip(level_shapes(), STRIDES)):
         for y in range(H):
             for x in range(W):
-                cx, cy = (x + 0.5) * s, (y + 0.5) * s
+                cx, cy = x * s, y * s  # mmdetection AnchorGenerator, center_offset=0
                 for r in (0.5, 1.0, 2.0):
                     for i in range(3):
                         size = 4 * 2 ** (i / 3) * s
@@ -129,14 +129,15 @@ def test_assignment_and_positives_match_brute_force():
 
 def test_low_quality_match_takes_every_tied_anchor():
     """One 32 x 32 anchor per cell at stride 8 (exact floats): a 6 x 6 gt centred at
-    (15, 52) lies inside the anchors of centres x in {4, 12, 20, 28}, y in {44, 52, 60},
+    (15, 52) lies inside the anchors of centres (mmdetection's cell corners) x in {8, 16, 24},
+    y in {40, 48, 56} (64 is on the 64 px image's border: not a valid anchor),
     all at IoU 36 / 1024 < 0.4; every one of them becomes positive (gt_max_assign_all)."""
     head = RetinaHead(NUM_CLASSES, in_channels=C_IN, ratios=(1.0,), scales_per_octave=1)
     targets = [{"boxes": torch.tensor([[12.0, 49.0, 18.0, 55.0]]), "labels": torch.tensor([1])}]
     _, pos = head(make_feats(B=1), targets, IMAGE_SIZES[:1])
-    truth = torch.tensor([[x - 16.0, y - 16.0, x + 16.0, y + 16.0] for y in (44, 52, 60) for x in (4, 12, 20, 28)])
+    truth = torch.tensor([[x - 16.0, y - 16.0, x + 16.0, y + 16.0] for y in (40, 48, 56) for x in (8, 16, 24)])
     assert torch.equal(pos.pos_boxes[0], truth)
-    assert pos.pos_labels[0].tolist() == [1] * 12
+    assert pos.pos_labels[0].tolist() == [1] * 9
 
 
 def test_loss_values_by_hand():
