@@ -269,7 +269,7 @@ def test_amp_bf16_runs_20_steps_without_nan(data, tmp_path, recwarn):
 
     class RecordDtypes:  # proves autocast is on: a decoder Linear computes in bf16
         def on_train_start(self, trainer):
-            linear = trainer.model.decoder.layers[0].ffn.linear1
+            linear = trainer.model.detector.decoder.layers[0].ffn.linear1
             linear.register_forward_hook(lambda m, i, out: dtypes.add(out.dtype))
 
     # Short side >= 96: torch 2.14's CPU (oneDNN) bf16 conv gives wrong weight gradients
@@ -291,9 +291,9 @@ def test_a_non_finite_gradient_skips_the_step(data, tmp_path):
     class NanGradient:
         def on_train_start(self, trainer):
             nan_at_1 = lambda g: g * float("nan") if trainer.iteration == 1 else g  # noqa: E731
-            trainer.model.level_embed.register_hook(nan_at_1)
+            trainer.model.detector.level_embed.register_hook(nan_at_1)
 
-    with pytest.warns(UserWarning, match=r"iteration 1: non-finite gradient of 1 parameters \(level_embed\)"):
+    with pytest.warns(UserWarning, match=r"iteration 1: non-finite gradient of 1 parameters \(detector.level_embed\)"):
         Trainer(_cfg(data, tmp_path, aux_heads=(), iters=3, checkpoint_every=0), callbacks=[NanGradient()]).train()
     ckpt = load_checkpoint(tmp_path / "last.pt")
     assert ckpt["iteration"] == 3
