@@ -155,6 +155,29 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from codetr.convert import convert_file
+
+    _need_files(src=args.src)
+    names = None
+    if args.class_names_from:
+        _need_files(class_names_from=args.class_names_from)
+        cats = json.loads(Path(args.class_names_from).read_text()).get("categories", [])
+        names = [c["name"] for c in sorted(cats, key=lambda c: c["id"])]
+        if args.num_classes is None:
+            args.num_classes = len(names)
+    if args.num_classes is not None and args.num_classes < 1:
+        raise UserError(f"--num-classes: expected >= 1, got {args.num_classes}")
+    try:
+        report = convert_file(args.src, args.dst, source=args.source, target=args.target, preset=args.preset,
+                              inference=args.inference, num_classes=args.num_classes, class_names=names)
+    except (ValueError, RuntimeError, KeyError) as e:
+        raise UserError(f"{args.src}: {e}") from e
+    print(report.summary())
+    print(f"wrote {args.dst}")
+    return 0
+
+
 def _labels(labels, paths, what: str):
     if labels is None:
         return None
@@ -283,6 +306,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-score", type=float, default=0.3)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_predict)
+
+    p = sub.add_parser("convert", help="convert a checkpoint between the official Co-DETR layout and ours")
+    p.add_argument("src", metavar="SRC")
+    p.add_argument("dst", metavar="DST")
+    fmt = p.add_mutually_exclusive_group(required=True)
+    fmt.add_argument("--from", dest="source", choices=["official"],
+                     help="SRC is an official (Sense-X) Co-Deformable-DETR checkpoint")
+    fmt.add_argument("--to", dest="target", choices=["official"], help="SRC is a codetr checkpoint; write the "
+                                                                       "official layout")
+    p.add_argument("--preset", help="our preset of the same architecture (default co_deformable_detr_r50)")
+    p.add_argument("--inference", action="store_true",
+                   help="keep the detector only (the K=0 inference model; the auxiliary branches are dropped)")
+    p.add_argument("--num-classes", type=int, help="fine-tuning on another class count: classifiers re-initialised")
+    p.add_argument("--class-names-from", metavar="COCO_JSON", help="class names (and count) from a COCO json")
+    p.set_defaults(func=_convert)
 
     p = sub.add_parser("analyze", help="the paper's analyses (needs matplotlib: pip install codetr[analysis])")
     asub = p.add_subparsers(dest="analysis", required=True)
