@@ -37,14 +37,15 @@ class ATSSHead(AnchorHead):
         topk: ATSS candidates per level and gt.
         loss_cls_weight, loss_bbox_weight, loss_centerness_weight: mmdetection's ATSS
             weights (1, 2, 1); Co-DETR's 12x factor is applied by the detector.
-        max_negatives, nms_pre, score_thr, nms_iou, max_per_img: see AnchorHead.
+        max_negatives, nms_pre, score_thr, nms_iou, max_per_img: see AnchorHead (the
+            official test_cfg: score_thr 0.0, NMS 0.6).
     """
 
     def __init__(self, num_classes: int, in_channels: int = 256, strides: Sequence[int] = DEFAULT_STRIDES,
                  feat_channels: Optional[int] = None, stacked_convs: int = 1, octave_base_scale: float = 8.0,
                  topk: int = 9, loss_cls_weight: float = 1.0, loss_bbox_weight: float = 2.0,
                  loss_centerness_weight: float = 1.0, max_negatives: int = 300, nms_pre: int = 1000,
-                 score_thr: float = 0.05, nms_iou: float = 0.6, max_per_img: int = 100):
+                 score_thr: float = 0.0, nms_iou: float = 0.6, max_per_img: int = 100):
         super().__init__(num_classes, in_channels, strides, base_sizes=(octave_base_scale,), ratios=(1.0,),
                          bbox_stds=(0.1, 0.1, 0.2, 0.2), max_negatives=max_negatives, nms_pre=nms_pre,
                          score_thr=score_thr, nms_iou=nms_iou, max_per_img=max_per_img)

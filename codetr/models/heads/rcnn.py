@@ -68,7 +68,7 @@ class RCNNHead(nn.Module):
         loss_rpn_cls, loss_rpn_bbox, loss_cls, loss_bbox: relative loss weights (1, 1, 1,
             10: the official GIoU weight).
         max_negatives: negatives returned in AuxPositives per image (300).
-        score_thr, nms_iou, max_per_img: ``predict`` post-processing (0.05, 0.5, 100).
+        score_thr, nms_iou, max_per_img: ``predict`` post-processing (official test_cfg: 0.0, 0.5, 100).
     """
 
     def __init__(self, num_classes: int, in_channels: int = 256, strides: Sequence[int] = DEFAULT_STRIDES, *,
@@ -82,7 +82,7 @@ class RCNNHead(nn.Module):
                  reg_class_agnostic: bool = False,
                  loss_rpn_cls: float = 1.0, loss_rpn_bbox: float = 1.0, loss_cls: float = 1.0,
                  loss_bbox: float = 10.0, max_negatives: int = 300,
-                 score_thr: float = 0.05, nms_iou: float = 0.5, max_per_img: int = 100):
+                 score_thr: float = 0.0, nms_iou: float = 0.5, max_per_img: int = 100):
         super().__init__()
         self.num_classes = num_classes
         self.strides = tuple(strides)
