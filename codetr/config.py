@@ -199,7 +199,8 @@ def build_model(cfg: Union[str, DetectorConfig], num_classes: int, aux_heads: Op
     """Build a Co-DETR model (``CoDETR``, with its criterion) from a preset name or config.
 
     aux_heads: names among AUX_HEAD_CLASSES (None: the preset's); ``()`` gives the
-    Deformable-DETR++ baseline (``model.detector``, bit for bit). lambda1 / lambda2: None keeps the preset's (1, 2).
+    Deformable-DETR++ baseline (``model.detector``, bit for bit). lambda1 / lambda2: None
+    keeps the preset's (1, 2).
     ``overrides`` set config fields by dotted name, e.g. ``**{"transformer.d_model": 128}``,
     or with ``__`` for the dot: ``transformer__d_model=128``. The model's ``config`` holds
     the final DetectorConfig.

@@ -26,12 +26,6 @@ COCO_CLASSES = tuple(name.replace("_", " ") for name in (
     "toothbrush").split())
 
 
-def _load(path) -> dict:
-    from codetr.engine.checkpoint import load_checkpoint
-
-    return load_checkpoint(path)
-
-
 def convert_file(src: Union[str, Path], dst: Union[str, Path], source: Optional[str] = None,
                  target: Optional[str] = None, preset: Optional[str] = None, inference: bool = False,
                  num_classes: Optional[int] = None, class_names: Optional[list[str]] = None) -> ConversionReport:
@@ -44,13 +38,13 @@ def convert_file(src: Union[str, Path], dst: Union[str, Path], source: Optional[
     ``target="official"``: a codetr checkpoint -> the official layout ({"state_dict",
     "meta": {"CLASSES"}}). Files are written atomically."""
     from codetr.config import build_model, config_from_dict, get_preset
-    from codetr.engine.checkpoint import save_checkpoint
+    from codetr.engine.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 
     if (source is None) == (target is None):
         raise ValueError("give exactly one of source ('official') and target ('official')")
     if (source or target) != "official":
         raise ValueError(f"unknown checkpoint format {source or target!r}; supported: 'official'")
-    ckpt = _load(src)
+    ckpt = load_checkpoint(src)
     if target == "official":
         if "model_config" not in ckpt or "model" not in ckpt:
             raise ValueError(f"{src} is not a codetr checkpoint (no model / model_config)")
@@ -58,8 +52,6 @@ def convert_file(src: Union[str, Path], dst: Union[str, Path], source: Optional[
         cfg.backbone.pretrained = False
         names = list(ckpt.get("class_names") or [])
         model = build_model(cfg, len(names) if names else _num_classes(ckpt["model"]))
-        from codetr.engine.checkpoint import load_model_state
-
         load_model_state(model, ckpt["model"], source=str(src))
         state = to_official(model, model.state_dict())
         save_checkpoint({"state_dict": state, "meta": {"CLASSES": tuple(names), "converted_by": "codetr"}}, dst)

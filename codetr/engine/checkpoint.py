@@ -28,13 +28,27 @@ def save_checkpoint(state: dict, path: Union[str, Path]) -> Path:
     return path
 
 
+def _numpy_globals() -> list:
+    """numpy's array / scalar / dtype constructors, under their numpy 2 and numpy 1 names:
+    data only, no code (mmdetection checkpoints keep numpy values in their "meta")."""
+    import numpy as np
+
+    core = np._core.multiarray
+    objs = [core.scalar, core._reconstruct, np.ndarray, np.dtype,
+            *(getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType"))]
+    return objs + [(core.scalar, "numpy.core.multiarray.scalar"),
+                   (core._reconstruct, "numpy.core.multiarray._reconstruct")]
+
+
 def load_checkpoint(path: Union[str, Path], map_location="cpu") -> dict:
-    """torch.load with weights_only=True (no pickled code runs); errors name the file."""
+    """torch.load with weights_only=True (no pickled code runs), numpy arrays and scalars
+    allowed (other implementations' checkpoints hold them); errors name the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals(_numpy_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated or foreign files
         raise RuntimeError(f"cannot load checkpoint {path}: {e}") from e
 

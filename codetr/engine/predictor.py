@@ -21,6 +21,10 @@ def load_trained(path: Union[str, Path]) -> tuple[torch.nn.Module, dict]:
     checkpoint. ValueError when the file is not a codetr training checkpoint."""
     ckpt = load_checkpoint(path)
     if "model_config" not in ckpt or "class_names" not in ckpt:
+        state = ckpt.get("state_dict", ckpt)
+        if isinstance(state, dict) and any(str(k).startswith("query_head.") for k in state):
+            raise ValueError(f"{path} is an official Co-DETR checkpoint: convert it first "
+                             f"(codetr convert {path} OUT.pt --from official)")
         raise ValueError(f"{path} is not a codetr training checkpoint (no model_config)")
     cfg = config_from_dict(ckpt["model_config"])
     cfg.backbone.pretrained = False  # the checkpoint holds the weights

@@ -29,7 +29,8 @@ class SetCriterion(nn.Module):
         outputs: {"pred_logits" [B, Q, C], "pred_boxes" [B, Q, 4] cxcywh normalised,
                   "aux_outputs": [same dict per earlier decoder layer] (optional),
                   "enc_outputs": {"pred_logits" [B, K, 1 or C], "pred_boxes" [B, K, 4]} (optional:
-                  the K encoder proposals selected as queries, as in DINO)}
+                  the two-stage proposals, every encoder token's (official) or the K selected
+                  as queries (DINO), Hungarian-matched like the decoder's)}
         targets: B dicts, "labels" [G_b] int64, "boxes" [G_b, 4] cxcywh normalised.
     returns weighted losses (their sum is the training loss): "loss_cls", "loss_bbox",
         "loss_giou" for the last layer, "d{i}.loss_*" for aux layer i, "enc.loss_*" for the

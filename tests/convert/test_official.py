@@ -244,3 +244,21 @@ def test_convert_cli_errors_name_the_argument(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "foreign.pth"), str(tmp_path / "x.pt"), "--from", "official"]) == 2
     assert "not an official Co-Deformable-DETR" in capsys.readouterr().err
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_numpy_meta_loads_and_official_files_are_pointed_to_convert(spec, tmp_path):
+    """mmdetection keeps numpy values in a checkpoint's meta; weights_only loading accepts
+    them (data, no code) for conversion. Predictor names the command for an official file."""
+    import numpy as np
+
+    from codetr.convert import convert_file
+    from codetr.engine.predictor import Predictor
+
+    official = {"state_dict": _official_state(spec), "meta": {"epoch": np.int64(12), "best": np.float64(0.49),
+                                                              "hist": np.arange(3), "CLASSES": ["a"] * 80}}
+    torch.save(official, tmp_path / "official.pth")
+    report = convert_file(tmp_path / "official.pth", tmp_path / "ours.pt", source="official", inference=True)
+    assert report.mapped == 624
+    assert torch.load(tmp_path / "ours.pt", weights_only=True)["class_names"] == ["a"] * 80
+    with pytest.raises(ValueError, match="official Co-DETR checkpoint: convert it first"):
+        Predictor.from_checkpoint(tmp_path / "official.pth")
