@@ -117,6 +117,12 @@ def key_map(model: nn.Module) -> tuple[dict[str, str], dict[str, int]]:
     head embeddings, our head name -> official head index). ValueError names a key or head
     the official model does not have."""
     det = model.detector
+    variants = [name for name, official in (("query_pos", "static"), ("encoder_head", "official"),
+                                            ("mixed_selection", True)) if getattr(det, name) != official]
+    if variants or type(det.backbone).__name__ != "ResNet50":
+        raise ValueError(f"the official Co-Deformable-DETR R50 layout needs a ResNet-50 backbone and the "
+                         f"official options; this model has {type(det.backbone).__name__}"
+                         + "".join(f", {v}={getattr(det, v)!r}" for v in variants))
     heads = list(model.aux_heads)
     unknown = [h for h in heads if h not in _OFFICIAL_HEAD_ORDER]
     if unknown:

@@ -195,6 +195,12 @@ def test_foreign_or_damaged_state_dicts_are_named_errors(spec):
         from_official(model, broken)
     with pytest.raises(ValueError, match="no counterpart in the official"):
         from_official(build_model("co_deformable_detr_r50", 80, aux_heads=("fcos",)), official)
+    with pytest.raises(ValueError, match="needs a ResNet-50 backbone and the official options; this model has "
+                                         "ResNet50, query_pos='dynamic'"):
+        to_official(build_model("co_deformable_detr_r50", 80, query_pos="dynamic"), {})
+    lite = build_model("co_deformable_detr_lite0", 80, **{"backbone.pretrained": False})
+    with pytest.raises(ValueError, match="this model has EfficientNetLite0"):
+        to_official(lite, lite.state_dict())
 
 
 def test_converted_file_predicts_what_the_producing_model_predicts(shared_data, tmp_path):
