@@ -13,8 +13,9 @@ stages (``CoDETR`` in co_detr.py uses nothing else):
     optional "enc_outputs"}.
 ``loss(outputs, targets) -> dict``
     Its one-to-one criterion; targets as ``normalise_targets`` gives them.
-``positive_query_embedding(num_heads) -> nn.Module``
-    A fresh module, one per auxiliary head, whose ``forward(boxes [B, M, 4] cxcywh
+``positive_query_embedding(num_heads, head_embed) -> nn.Module``
+    A fresh module, one per auxiliary head (``head_embed``: "scalar" or "vector", for the
+    families that add a head embedding), whose ``forward(boxes [B, M, 4] cxcywh
     normalised (constants), feats [B, M, C])`` returns ``(content, query_pos, reference)``:
     how this family turns a head's positive boxes into a query group.
 ``decode_group(content, query_pos, reference, memory) -> outputs``
