@@ -247,7 +247,7 @@ def build_model(cfg: Union[str, DetectorConfig], num_classes: int, aux_heads: Op
                  for name in co.aux_heads}
     model = CoDETR(detector, adapter, heads, lambda1=co.lambda1, lambda2=co.lambda2,
                    min_group_size=co.min_group_size, max_group_size=co.max_group_size, head_embed=co.head_embed)
-    model.config = cfg
+    model.config = detector.config = cfg  # the inference model keeps it too
     return model
 
 

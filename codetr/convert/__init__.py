@@ -46,21 +46,20 @@ def convert_file(src: Union[str, Path], dst: Union[str, Path], source: Optional[
         raise ValueError(f"unknown checkpoint format {source or target!r}; supported: 'official'")
     ckpt = load_checkpoint(src)
     if target == "official":
-        if "model_config" not in ckpt or "model" not in ckpt:
-            raise ValueError(f"{src} is not a codetr checkpoint (no model / model_config)")
+        if not {"model", "model_config", "class_names"} <= set(ckpt):
+            raise ValueError(f"{src} is not a codetr checkpoint (no model / model_config / class_names)")
         cfg = config_from_dict(ckpt["model_config"])
         cfg.backbone.pretrained = False
-        names = list(ckpt.get("class_names") or [])
-        model = build_model(cfg, len(names) if names else _num_classes(ckpt["model"]))
+        names = list(ckpt["class_names"])
+        model = build_model(cfg, len(names))
         load_model_state(model, ckpt["model"], source=str(src))
         state = to_official(model, model.state_dict())
         save_checkpoint({"state_dict": state, "meta": {"CLASSES": tuple(names), "converted_by": "codetr"}}, dst)
         return ConversionReport(mapped=len(state))
     official = ckpt.get("state_dict", ckpt)
-    theirs = int(official["query_head.cls_branches.0.weight"].shape[0]) \
-        if "query_head.cls_branches.0.weight" in official else None
-    if theirs is None:
+    if "query_head.cls_branches.0.weight" not in official:
         raise ValueError(f"{src}: no query_head.cls_branches.0.weight: not an official Co-Deformable-DETR checkpoint")
+    theirs = int(official["query_head.cls_branches.0.weight"].shape[0])
     C = num_classes or theirs
     if class_names is None:
         meta = ckpt.get("meta") or {}
@@ -85,7 +84,3 @@ def convert_file(src: Union[str, Path], dst: Union[str, Path], source: Optional[
                                                    "dropped": len(report.dropped),
                                                    "reinitialised": report.reinitialised})}, dst)
     return report
-
-
-def _num_classes(state: dict) -> int:
-    return int(state["detector.class_heads.0.weight"].shape[0])

@@ -63,8 +63,6 @@ class CoDETR(nn.Module):
     def inference_model(self) -> nn.Module:
         """The detector itself (shared, not copied): no auxiliary parameter, identical
         detections."""
-        if hasattr(self, "config") and not hasattr(self.detector, "config"):  # set by config.build_model
-            self.detector.config = self.config
         return self.detector
 
     def forward(self, images: torch.Tensor, masks: torch.Tensor, targets: Optional[list[dict]] = None,
