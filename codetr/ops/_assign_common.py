@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import (check, check_dim, check_dtype, check_floating, check_same_device,
+                      check_tensors, readable, sizes)
+
 # mmdetection's bbox_overlaps clamps the union at this value: degenerate pairs get IoU 0,
 # not NaN. The compiled kernels (csrc/assign/assign_kernel.h) use the same constant.
 IOU_EPS = 1e-6
@@ -34,22 +37,21 @@ def iou_matrix(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
     return overlap / union
 
 
-def check_gts(op: str, gt_boxes: torch.Tensor, gt_counts: torch.Tensor, device: torch.device):
-    """Argument checks of the references, with the compiled kernels' messages."""
-    if gt_boxes.dim() != 3 or gt_boxes.shape[-1] != 4:
-        raise RuntimeError(f"{op}: gt_boxes must be [B, G, 4], got shape {tuple(gt_boxes.shape)}")
-    if not gt_boxes.is_floating_point():
-        raise RuntimeError(f"{op}: gt_boxes must be a floating-point tensor, got {gt_boxes.dtype}")
-    if gt_counts.dim() != 1 or gt_counts.shape[0] != gt_boxes.shape[0]:
-        raise RuntimeError(
-            f"{op}: gt_counts must be [B] with B = {gt_boxes.shape[0]}, got shape "
-            f"{tuple(gt_counts.shape)}")
-    if gt_counts.dtype != torch.int64:
-        raise RuntimeError(f"{op}: gt_counts must have dtype torch.int64, got {gt_counts.dtype}")
-    for name, t in (("gt_boxes", gt_boxes), ("gt_counts", gt_counts)):
-        if t.device != device:
-            raise RuntimeError(f"{op}: {name} must be on the same device as the boxes ({device}), "
-                               f"got {t.device}")
-    G = gt_boxes.shape[1]
-    if gt_counts.numel() and bool(((gt_counts < 0) | (gt_counts > G)).any()):
-        raise RuntimeError(f"{op}: gt_counts must lie in [0, G = {G}], got {gt_counts.tolist()}")
+def check_gts(op: str, boxes: torch.Tensor, boxes_name: str, gt_boxes, gt_counts) -> None:
+    """gt_boxes [B, G, 4] floating and gt_counts [B] int64 on the device of `boxes`: the
+    kernels' check_gts (csrc/assign/assign.h), with their messages."""
+    check_tensors(op, gt_boxes=gt_boxes, gt_counts=gt_counts)
+    check_dim(gt_boxes, 3, op, "gt_boxes", "[B, G, 4]")
+    check(gt_boxes.shape[2] == 4, op, lambda: f"gt_boxes must be [B, G, 4], got {sizes(gt_boxes.shape)}")
+    check_floating(gt_boxes, op, "gt_boxes")
+    check_dim(gt_counts, 1, op, "gt_counts", "[B]")
+    B, G = gt_boxes.shape[0], gt_boxes.shape[1]
+    check(gt_counts.shape[0] == B, op, lambda: f"gt_counts must be [B] with B = {B} (the batch of "
+                                               f"gt_boxes), got {sizes(gt_counts.shape)}")
+    check_dtype(gt_counts, torch.int64, op, "gt_counts")
+    check_same_device(boxes, gt_boxes, op, boxes_name, "gt_boxes")
+    check_same_device(boxes, gt_counts, op, boxes_name, "gt_counts")
+    if readable(gt_counts):
+        for b, c in enumerate(gt_counts.tolist()):
+            check(0 <= c <= G, op, lambda: f"gt_counts must lie in [0, G = {G}], got "
+                                           f"gt_counts[{b}] = {c}")

@@ -78,7 +78,11 @@ def declare(op: str) -> bool:
     OPS.append(op)
     for dev in ("cpu", "cuda"):
         _AVAILABLE[(op, dev)] = _registered(op, dev)
-    return LOADED and hasattr(torch.ops.codetr, op)
+    declared = LOADED and hasattr(torch.ops.codetr, op)
+    # Meta tensors (shape inference, a model built on the meta device) take the op's fake
+    # kernel, which validates as the kernels do and allocates the outputs.
+    _AVAILABLE[(op, "meta")] = declared
+    return declared
 
 
 def use_compiled(op: str, device: torch.device) -> bool:

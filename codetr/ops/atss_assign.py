@@ -29,6 +29,7 @@ import torch
 
 from . import _extension
 from ._assign_common import check_gts, compute_dtype, iou_matrix
+from ._checks import check, check_dim, check_floating, check_tensors, sizes
 
 OP = "atss_assign"
 # mmdetection's ATSSAssigner: INF = 100000000; non-positive overlaps are set to -INF.
@@ -96,19 +97,20 @@ def _atss_one_image(anchors, levels, gts, topk):
     return assigned, max_overlaps
 
 
-def _check(anchors, num_anchors_per_level, gt_boxes, gt_counts, topk):
-    op = OP
-    if anchors.dim() != 2 or anchors.shape[-1] != 4:
-        raise RuntimeError(f"{op}: anchors must be [A, 4], got shape {tuple(anchors.shape)}")
-    if not anchors.is_floating_point():
-        raise RuntimeError(f"{op}: anchors must be a floating-point tensor, got {anchors.dtype}")
-    check_gts(op, gt_boxes, gt_counts, anchors.device)
-    if topk <= 0:
-        raise RuntimeError(f"{op}: topk must be positive, got {topk}")
-    if any(n < 0 for n in num_anchors_per_level) or sum(num_anchors_per_level) != anchors.shape[0]:
-        raise RuntimeError(
-            f"{op}: num_anchors_per_level must be non-negative and sum to A = {anchors.shape[0]}, "
-            f"got {list(num_anchors_per_level)}")
+def check_atss(anchors, num_anchors_per_level: list[int], gt_boxes, gt_counts, topk: int) -> None:
+    """The kernels' checks (check_atss in csrc/assign/assign.h), with their messages."""
+    check_tensors(OP, anchors=anchors)
+    check_dim(anchors, 2, OP, "anchors", "[A, 4]")
+    check(anchors.shape[1] == 4, OP, lambda: f"anchors must be [A, 4], got {sizes(anchors.shape)}")
+    check_floating(anchors, OP, "anchors")
+    check_gts(OP, anchors, "anchors", gt_boxes, gt_counts)
+    check(topk > 0, OP, lambda: f"topk must be positive, got {topk}")
+    levels = sizes(num_anchors_per_level)
+    check(all(n >= 0 for n in num_anchors_per_level), OP,
+          lambda: f"num_anchors_per_level must be non-negative, got {levels}")
+    A, total = anchors.shape[0], sum(num_anchors_per_level)
+    check(total == A, OP, lambda: f"num_anchors_per_level must sum to A = {A}, got {levels} "
+                                  f"(sum {total})")
 
 
 def atss_assign_reference(
@@ -134,7 +136,7 @@ def atss_assign_reference(
     Half/bfloat16 boxes are computed in float32.
     """
     num_anchors_per_level = [int(n) for n in num_anchors_per_level]
-    _check(anchors, num_anchors_per_level, gt_boxes, gt_counts, topk)
+    check_atss(anchors, num_anchors_per_level, gt_boxes, gt_counts, topk)
     dtype = compute_dtype(anchors, gt_boxes)
     anchors = anchors.to(dtype)
     gt_boxes = gt_boxes.to(dtype)
@@ -159,6 +161,7 @@ def atss_assign(
 
     The compiled kernel never builds an [A, G] matrix: memory O(B * (A + G * topk * L)).
     """
+    check_tensors(OP, anchors=anchors, gt_boxes=gt_boxes, gt_counts=gt_counts)
     if _extension.use_compiled(OP, anchors.device):
         return torch.ops.codetr.atss_assign(
             anchors, [int(n) for n in num_anchors_per_level], gt_boxes, gt_counts, topk)
@@ -169,6 +172,7 @@ if _extension.declare(OP):
 
     @torch.library.register_fake("codetr::atss_assign")
     def _(anchors, num_anchors_per_level, gt_boxes, gt_counts, topk=9):
+        check_atss(anchors, list(num_anchors_per_level), gt_boxes, gt_counts, topk)
         B, A = gt_boxes.shape[0], anchors.shape[0]
         dtype = compute_dtype(anchors, gt_boxes)
         return (anchors.new_empty((B, A), dtype=torch.long),

@@ -11,7 +11,8 @@ import math
 import torch
 
 from . import _extension
-from ._boxes import check_boxes, check_same_device, compute_dtype
+from ._boxes import check_boxes, check_same_device, compute_dtype, kernel_boxes, kernel_pair
+from ._checks import check, sizes
 
 OP = "box_iou"
 MODES = ("iou", "iof", "giou")
@@ -112,13 +113,17 @@ if _extension.declare(OP):
 
     @torch.library.register_fake("codetr::box_iou")
     def _(boxes1, boxes2, mode, aligned, eps):
-        B, N, _ = boxes1.shape
-        M = boxes2.shape[1]
-        torch._check(boxes2.shape[0] == B)
-        if aligned:
-            torch._check(N == M)
-            return boxes1.new_empty((B, N))
-        return boxes1.new_empty((B, N, M))
+        # check_box_iou in csrc/box_ops/box_ops.h
+        kernel_boxes(boxes1, 3, OP, "boxes1", "[B, N, 4]")
+        kernel_boxes(boxes2, 3, OP, "boxes2", "[B, M, 4]")
+        kernel_pair(boxes1, boxes2, OP, "boxes1", "boxes2")
+        B, N, M = boxes1.shape[0], boxes1.shape[1], boxes2.shape[1]
+        check(boxes2.shape[0] == B, OP, lambda: f"boxes2 must be [B, M, 4] with B = {B} (batch of "
+                                                f"boxes1), got shape {sizes(boxes2.shape)}")
+        check(mode in MODES, OP, lambda: f'mode must be "iou", "iof" or "giou", got "{mode}"')
+        check(not aligned or N == M, OP, lambda: f"boxes2 must hold as many boxes as boxes1 when "
+                                                 f"aligned=True (N = {N}), got M = {M}")
+        return boxes1.new_empty((B, N) if aligned else (B, N, M))
 
     @torch.library.register_fake("codetr::box_iou_backward")
     def _(grad, boxes1, boxes2, mode, aligned, eps):

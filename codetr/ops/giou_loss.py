@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from . import _extension
-from ._boxes import check_boxes, check_same_device, compute_dtype
+from ._boxes import check_boxes, check_same_device, compute_dtype, kernel_boxes, kernel_pair
+from ._checks import check, sizes
 
 OP = "generalized_box_iou_loss"
 REDUCTIONS = ("none", "mean", "sum")
@@ -104,7 +105,13 @@ if _extension.declare(OP):
 
     @torch.library.register_fake("codetr::generalized_box_iou_loss")
     def _(pred, target, eps):
-        torch._check(target.shape[0] == pred.shape[0])
+        # check_giou_loss in csrc/box_ops/box_ops.h
+        kernel_boxes(pred, 2, OP, "pred", "[K, 4]")
+        kernel_boxes(target, 2, OP, "target", "[K, 4]")
+        kernel_pair(pred, target, OP, "pred", "target")
+        check(target.shape[0] == pred.shape[0], OP,
+              lambda: f"target must be [K, 4] with K = {pred.shape[0]} (rows of pred), got shape "
+                      f"{sizes(target.shape)}")
         return pred.new_empty((pred.shape[0],))
 
     @torch.library.register_fake("codetr::generalized_box_iou_loss_backward")

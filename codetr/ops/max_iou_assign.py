@@ -20,6 +20,7 @@ import torch
 
 from . import _extension
 from ._assign_common import check_gts, compute_dtype, iou_matrix
+from ._checks import check, check_floating, check_tensors, sizes
 
 OP = "max_iou_assign"
 
@@ -61,16 +62,17 @@ def _neg_range(neg_iou_thr) -> tuple[float, float]:
     return 0.0, float(neg_iou_thr)
 
 
-def _check(priors, gt_boxes, gt_counts):
-    if priors.dim() not in (2, 3) or priors.shape[-1] != 4:
-        raise RuntimeError(f"{OP}: priors must be [A, 4] or [B, A, 4], got shape "
-                           f"{tuple(priors.shape)}")
-    if not priors.is_floating_point():
-        raise RuntimeError(f"{OP}: priors must be a floating-point tensor, got {priors.dtype}")
-    check_gts(OP, gt_boxes, gt_counts, priors.device)
-    if priors.dim() == 3 and priors.shape[0] != gt_boxes.shape[0]:
-        raise RuntimeError(f"{OP}: priors must be [B, A, 4] with B = {gt_boxes.shape[0]} "
-                           f"(the batch of gt_boxes), got shape {tuple(priors.shape)}")
+def check_max_iou(priors, gt_boxes, gt_counts) -> None:
+    """The kernels' checks (check_max_iou in csrc/assign/assign.h), with their messages."""
+    check_tensors(OP, priors=priors)
+    check(priors.dim() in (2, 3) and priors.shape[-1] == 4, OP,
+          lambda: f"priors must be [A, 4] or [B, A, 4], got {sizes(priors.shape)}")
+    check_floating(priors, OP, "priors")
+    check_gts(OP, priors, "priors", gt_boxes, gt_counts)
+    B = gt_boxes.shape[0]
+    check(priors.dim() == 2 or priors.shape[0] == B, OP,
+          lambda: f"priors must be [B, A, 4] with B = {B} (the batch of gt_boxes), got "
+                  f"{sizes(priors.shape)}")
 
 
 def max_iou_assign_reference(
@@ -100,7 +102,7 @@ def max_iou_assign_reference(
     Half/bfloat16 boxes are computed in float32.
     """
     neg_lo, neg_hi = _neg_range(neg_iou_thr)
-    _check(priors, gt_boxes, gt_counts)
+    check_max_iou(priors, gt_boxes, gt_counts)
     dtype = compute_dtype(priors, gt_boxes)
     priors = priors.to(dtype)
     gt_boxes = gt_boxes.to(dtype)
@@ -135,6 +137,7 @@ def max_iou_assign(
     config), RetinaNet (0.5, 0.4, min_pos_iou=0).
     """
     neg_lo, neg_hi = _neg_range(neg_iou_thr)
+    check_tensors(OP, priors=priors, gt_boxes=gt_boxes, gt_counts=gt_counts)
     if _extension.use_compiled(OP, priors.device):
         return torch.ops.codetr.max_iou_assign(
             priors, gt_boxes, gt_counts, float(pos_iou_thr), neg_lo, neg_hi, float(min_pos_iou),
@@ -148,6 +151,7 @@ if _extension.declare(OP):
     @torch.library.register_fake("codetr::max_iou_assign")
     def _(priors, gt_boxes, gt_counts, pos_iou_thr, neg_iou_lo, neg_iou_hi, min_pos_iou,
           match_low_quality, gt_max_assign_all):
+        check_max_iou(priors, gt_boxes, gt_counts)
         B, A = gt_boxes.shape[0], priors.shape[-2]
         dtype = compute_dtype(priors, gt_boxes)
         return (priors.new_empty((B, A), dtype=torch.long),

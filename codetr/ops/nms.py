@@ -21,7 +21,9 @@ from __future__ import annotations
 import torch
 
 from . import _extension
-from ._boxes import check_boxes, check_same_device, compute_dtype
+from ._boxes import check_boxes, check_same_device, compute_dtype, kernel_boxes, kernel_pair
+from ._checks import check, check_dim, check_dtype, sizes
+from ._checks import check_same_device as kernel_same_device
 
 OP_NMS = "nms"
 OP_BATCHED = "batched_nms"
@@ -139,7 +141,20 @@ def batched_nms(
     )
 
 
-def _fake_keep(boxes):
+def _fake_keep(op: str, boxes, scores, idxs=None):
+    # check_nms in csrc/box_ops/box_ops.h
+    kernel_boxes(boxes, 2, op, "boxes", "[K, 4]")
+    check_dim(scores, 1, op, "scores", "[K]")
+    kernel_pair(boxes, scores, op, "boxes", "scores")
+    K = boxes.shape[0]
+    check(scores.shape[0] == K, op, lambda: f"scores must be [K] with K = {K} (rows of boxes), "
+                                            f"got {sizes(scores.shape)}")
+    if idxs is not None:
+        check_dim(idxs, 1, op, "idxs", "[K]")
+        kernel_same_device(boxes, idxs, op, "boxes", "idxs")
+        check_dtype(idxs, torch.int64, op, "idxs")
+        check(idxs.shape[0] == K, op, lambda: f"idxs must be [K] with K = {K} (rows of boxes), "
+                                              f"got {sizes(idxs.shape)}")
     # The number of kept boxes depends on the data.
     return boxes.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.long)
 
@@ -148,11 +163,11 @@ if _extension.declare(OP_NMS):
 
     @torch.library.register_fake("codetr::nms")
     def _(boxes, scores, iou_threshold):
-        return _fake_keep(boxes)
+        return _fake_keep(OP_NMS, boxes, scores)
 
 
 if _extension.declare(OP_BATCHED):
 
     @torch.library.register_fake("codetr::batched_nms")
     def _(boxes, scores, idxs, iou_threshold):
-        return _fake_keep(boxes)
+        return _fake_keep(OP_BATCHED, boxes, scores, idxs)

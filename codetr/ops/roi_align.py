@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 
 from . import _extension
+from ._checks import (check, check_dim, check_floating, check_same_device, check_tensors, fail,
+                      readable, scalar_type, sizes)
 
 OP = "roi_align"
 
@@ -28,31 +30,63 @@ def _pair(output_size) -> tuple[int, int]:
     return size
 
 
-def _check_inputs(input: torch.Tensor, rois: torch.Tensor) -> None:
-    """The compiled op's checks (csrc/roi_align/roi_align.h), for the reference path."""
-    if input.dim() != 4:
-        raise ValueError(
-            f"roi_align: input must be 4-d [N, C, H, W], got {input.dim()}-d tensor of shape "
-            f"{tuple(input.shape)}"
-        )
-    if not input.is_floating_point():
-        raise ValueError(f"roi_align: input must be a floating-point tensor, got {input.dtype}")
-    if rois.dim() != 2 or rois.shape[1] != 5:
-        raise ValueError(
-            "roi_align: rois must be [K, 5] (batch_index, x1, y1, x2, y2), got shape "
-            f"{tuple(rois.shape)}"
-        )
-    if rois.device != input.device:
-        raise ValueError(
-            f"roi_align: rois must be on the same device as input ({input.device}), got "
-            f"{rois.device}"
-        )
-    reduced = input.dtype in (torch.float16, torch.bfloat16)
-    if not (rois.dtype == input.dtype or (reduced and rois.dtype == torch.float32)):
-        raise ValueError(
-            f"roi_align: rois must have the dtype of input ({input.dtype}) or float32 when input "
-            f"is float16/bfloat16, got {rois.dtype}"
-        )
+def _check_rois(op: str, rois, like: torch.Tensor, like_name: str) -> None:
+    check_dim(rois, 2, op, "rois", "[K, 5] (batch_index, x1, y1, x2, y2)")
+    check(rois.shape[1] == 5, op, lambda: f"rois must be [K, 5] (batch_index, x1, y1, x2, y2), "
+                                          f"got shape {sizes(rois.shape)}")
+    check_same_device(like, rois, op, like_name, "rois")
+    vt, rt = like.dtype, rois.dtype
+    check(rt == vt or (vt in (torch.float16, torch.bfloat16) and rt == torch.float32), op,
+          lambda: f"rois must have the dtype of {like_name} ({scalar_type(vt)}) or float32 when "
+                  f"{like_name} is float16/bfloat16, got {scalar_type(rt)}")
+
+
+def _check_pooled(op: str, pooled_height: int, pooled_width: int, sampling_ratio: int) -> None:
+    check(pooled_height > 0 and pooled_width > 0, op,
+          lambda: f"output size (pooled_height, pooled_width) must be positive, got "
+                  f"({pooled_height}, {pooled_width})")
+    check(sampling_ratio < 2**20, op,
+          lambda: f"sampling_ratio must be < 2^20 (or <= 0 for adaptive), got {sampling_ratio}")
+
+
+def _check_batch_indices(op: str, rois: torch.Tensor, N: int) -> None:
+    # After torchvision's truncation toward zero; NaN fails. Read on CPU only, as the kernels.
+    if not readable(rois) or rois.shape[0] == 0:
+        return
+    b = rois[:, 0].detach().double()
+    bad = ~((b > -1) & (b < N))
+    if bool(bad.any()):
+        k = int(bad.nonzero()[0, 0])
+        fail(op, f"rois[:, 0] must hold batch indices in [0, N) with N = {N} (the input's batch "
+                 f"size), got rois[{k}, 0] = {float(b[k]):g}")
+
+
+def check_forward(input, rois, pooled_height: int, pooled_width: int, sampling_ratio: int) -> None:
+    """The kernels' checks (check_forward in csrc/roi_align/roi_align.h), with their messages."""
+    check_tensors(OP, input=input, rois=rois)
+    check_dim(input, 4, OP, "input", "[N, C, H, W]")
+    check_floating(input, OP, "input")
+    _check_rois(OP, rois, input, "input")
+    _check_pooled(OP, pooled_height, pooled_width, sampling_ratio)
+    _check_batch_indices(OP, rois, input.shape[0])
+
+
+def check_backward(grad_output, rois, pooled_height, pooled_width, N, C, H, W,
+                   sampling_ratio) -> None:
+    """check_backward in csrc/roi_align/roi_align.h, for the fake backward kernel."""
+    op = "roi_align_backward"
+    check_dim(grad_output, 4, op, "grad_output", "[K, C, pooled_height, pooled_width]")
+    check_floating(grad_output, op, "grad_output")
+    _check_rois(op, rois, grad_output, "grad_output")
+    _check_pooled(op, pooled_height, pooled_width, sampling_ratio)
+    check(N >= 0 and C >= 0 and H >= 0 and W >= 0, op,
+          lambda: f"input sizes (batch_size, channels, height, width) must be non-negative, got "
+                  f"({N}, {C}, {H}, {W})")
+    expected = (rois.shape[0], C, pooled_height, pooled_width)
+    check(tuple(grad_output.shape) == expected, op,
+          lambda: f"grad_output must be [K, C, pooled_height, pooled_width] = {sizes(expected)}, "
+                  f"got {sizes(grad_output.shape)}")
+    _check_batch_indices(op, rois, N)
 
 
 def roi_align_reference(
@@ -84,8 +118,8 @@ def roi_align_reference(
     of a sparse matrix M [K*oh*ow, N*H*W]; the output is M @ input in channels-last layout.
     The sample coordinates and weights follow torchvision's kernel operation for operation.
     """
-    _check_inputs(input, rois)
     PH, PW = _pair(output_size)
+    check_forward(input, rois, PH, PW, int(sampling_ratio))
     N, C, H, W = input.shape
     K = rois.shape[0]
     compute = torch.promote_types(input.dtype, torch.float32)
@@ -94,15 +128,7 @@ def roi_align_reference(
         return input.new_zeros((K, C, PH, PW)) + input.reshape(-1)[:0].sum()
     dev = input.device
     r = rois.detach().to(compute)  # the RoIs get no gradient (torchvision's contract)
-    b = r[:, 0]
-    bad = ~((b > -1) & (b < N))
-    if bool(bad.any()):
-        k = int(bad.nonzero()[0, 0])
-        raise ValueError(
-            f"roi_align: rois[:, 0] must hold batch indices in [0, N) with N = {N} (the input's "
-            f"batch size), got rois[{k}, 0] = {float(b[k])}"
-        )
-    batch = b.long()  # truncation toward zero, like torchvision's int cast
+    batch = r[:, 0].long()  # truncation toward zero, like torchvision's int cast
 
     # RoI geometry (torchvision's arithmetic, in the compute dtype).
     scale = torch.tensor(spatial_scale, dtype=compute, device=dev)
@@ -185,6 +211,7 @@ def roi_align(
     checking would need a host sync) such a RoI gives zeros and no gradient.
     """
     PH, PW = _pair(output_size)
+    check_tensors(OP, input=input, rois=rois)
     if _extension.use_compiled(OP, input.device):
         return torch.ops.codetr.roi_align(
             input, rois, float(spatial_scale), PH, PW, int(sampling_ratio), bool(aligned)
@@ -196,15 +223,14 @@ if _extension.declare(OP):
 
     @torch.library.register_fake("codetr::roi_align")
     def _(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned):
-        torch._check(input.dim() == 4, lambda: "roi_align: input must be 4-d [N, C, H, W]")
-        torch._check(
-            rois.dim() == 2 and rois.shape[1] == 5, lambda: "roi_align: rois must be [K, 5]"
-        )
+        check_forward(input, rois, pooled_height, pooled_width, sampling_ratio)
         return input.new_empty((rois.shape[0], input.shape[1], pooled_height, pooled_width))
 
     @torch.library.register_fake("codetr::roi_align_backward")
     def _(grad_output, rois, spatial_scale, pooled_height, pooled_width, batch_size, channels,
           height, width, sampling_ratio, aligned):
+        check_backward(grad_output, rois, pooled_height, pooled_width, batch_size, channels,
+                       height, width, sampling_ratio)
         return grad_output.new_empty((batch_size, channels, height, width))
 
     def _setup_context(ctx, inputs, output):

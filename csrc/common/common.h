@@ -65,7 +65,7 @@ inline void advise_huge_pages(const at::Tensor& t) {
 
 // Every check names the operator argument and what was expected, so a user sees
 // "ms_deform_attn: value must be 4-d [N, S, M, D], got 3-d" rather than a crash.
-#define CODETR_CHECK_ARG(cond, op, ...) TORCH_CHECK(cond, op, ": ", __VA_ARGS__)
+#define CODETR_CHECK_ARG(cond, op, ...) TORCH_CHECK(cond, op, ":", __VA_ARGS__)
 
 inline void check_dim(const at::Tensor& t, int64_t dim, const char* op, const char* name,
                       const char* shape) {

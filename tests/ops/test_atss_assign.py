@@ -13,6 +13,7 @@ import torchvision
 import codetr
 from codetr.ops import atss_assign, atss_assign_reference
 from assign_cases import grid_anchors, random_gts
+import malformed_cases
 
 OP = "atss_assign"
 NEG = -100000000.0  # mmdetection's -INF for negatives
@@ -334,23 +335,9 @@ def test_torch_compile_fullgraph(compiled):
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
-@pytest.mark.parametrize("case,match", [
-    (dict(anchors=torch.zeros(5, 3)), "anchors"),
-    (dict(anchors=torch.zeros(5, 4, dtype=torch.long)), "anchors"),
-    (dict(levels=[2, 2]), "num_anchors_per_level"),
-    (dict(levels=[6, -1]), "num_anchors_per_level"),
-    (dict(gt_boxes=torch.zeros(2, 4)), "gt_boxes"),
-    (dict(gt_boxes=torch.zeros(2, 3, 5)), "gt_boxes"),
-    (dict(gt_counts=torch.tensor([1, 1], dtype=torch.int32)), "gt_counts"),
-    (dict(gt_counts=torch.tensor([1])), "gt_counts"),
-    (dict(gt_counts=torch.tensor([1, 4])), "gt_counts"),
-    (dict(gt_counts=torch.tensor([-1, 1])), "gt_counts"),
-    (dict(topk=0), "topk"),
-])
-def test_bad_inputs(mode, case, match):
-    args = dict(anchors=torch.zeros(5, 4), levels=[3, 2], gt_boxes=torch.zeros(2, 3, 4),
-                gt_counts=torch.tensor([1, 2]), topk=9)
-    args.update(case)
-    with pytest.raises(RuntimeError, match=match):
-        atss_assign(args["anchors"], args["levels"], args["gt_boxes"], args["gt_counts"],
-                    args["topk"])
+@pytest.mark.parametrize("case", malformed_cases.CASES[OP], ids=str)
+def test_malformed_and_edge_inputs(case, assert_compiled):
+    """Every path (compiled, reference, fake kernel) raises the same named error, or gives
+    the same values, each case in its own process (tests/ops/malformed_cases.py)."""
+    assert_compiled(OP)
+    malformed_cases.check_case(OP, case)

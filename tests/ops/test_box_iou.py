@@ -1,8 +1,11 @@
 """box_iou: torchvision parity (IoU, GIoU), brute-force IoF and eps rules, broadcasting,
 aligned mode, gradients of the compiled backward op, registration and bad inputs."""
+import re
+
 import pytest
 import torch
 import torchvision
+import malformed_cases
 
 import codetr
 from codetr.ops import box_iou, box_iou_reference
@@ -260,18 +263,12 @@ def test_reference_path_selected(reference_mode):
     torch.testing.assert_close(box_iou(b1, b2), torchvision.ops.box_iou(b1, b2))
 
 
-@pytest.mark.parametrize("args,kwargs,error,match", [
-    ((torch.rand(5, 3), torch.rand(4, 4)), {}, ValueError, r"boxes1 must be \[\.\.\., N, 4\]"),
-    ((torch.rand(5, 4), torch.rand(4)), {}, ValueError, r"boxes2 must be \[\.\.\., M, 4\]"),
-    ((torch.rand(5, 4), torch.rand(4, 4)), {"mode": "diou"}, ValueError, "mode must be"),
-    ((torch.rand(5, 4), torch.rand(4, 4)), {"aligned": True}, ValueError, "boxes2 must hold as many boxes"),
-    ((torch.rand(2, 5, 4), torch.rand(3, 4, 4)), {}, ValueError, "must broadcast"),
-    ((torch.rand(5, 4), torch.rand(4, 4, device="meta")), {}, ValueError, "boxes2 must be on the device"),
-    (([[0, 0, 1, 1]], torch.rand(4, 4)), {}, TypeError, "boxes1 must be a tensor"),
-])
-def test_bad_inputs_raise_named_errors(args, kwargs, error, match, path):
-    with pytest.raises(error, match=match):
-        box_iou(*args, **kwargs)
+@pytest.mark.parametrize("case", malformed_cases.CASES[OP], ids=str)
+def test_malformed_and_edge_inputs(case, assert_compiled):
+    """Every path (compiled, reference, fake kernel) raises the same named error, or gives
+    the same values, each case in its own process (tests/ops/malformed_cases.py)."""
+    assert_compiled(OP)
+    malformed_cases.check_case(OP, case)
 
 
 @pytest.mark.parametrize("args,match", [
@@ -285,8 +282,9 @@ def test_bad_inputs_raise_named_errors(args, kwargs, error, match, path):
 ])
 def test_compiled_op_checks_arguments(args, match, assert_compiled):
     assert_compiled(OP)
-    with pytest.raises(RuntimeError, match=match):
-        torch.ops.codetr.box_iou(*args)
+    kernel, fake = malformed_cases.kernel_and_fake_errors(torch.ops.codetr.box_iou, *args)
+    assert kernel is not None and re.search(match, kernel), kernel
+    assert fake == kernel
 
 
 def test_compiled_backward_checks_grad(assert_compiled):

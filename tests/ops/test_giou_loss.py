@@ -1,8 +1,11 @@
 """generalized_box_iou_loss: torchvision's values and autograd gradients, the analytic
 backward op (gradcheck), reductions, registration and bad inputs."""
+import re
+
 import pytest
 import torch
 import torchvision
+import malformed_cases
 
 import codetr
 from codetr.ops import generalized_box_iou_loss
@@ -189,15 +192,12 @@ def test_reference_path_selected(reference_mode):
     torch.testing.assert_close(generalized_box_iou_loss(pred, target), tv_loss(pred, target))
 
 
-@pytest.mark.parametrize("args,kwargs,error,match", [
-    ((torch.rand(5, 3), torch.rand(5, 3)), {}, ValueError, r"pred must be \[\.\.\., 4\]"),
-    ((torch.rand(5, 4), torch.rand(4, 4)), {}, ValueError, "target must have the shape of pred"),
-    ((torch.rand(5, 4), torch.rand(5, 4)), {"reduction": "max"}, ValueError, "reduction must be"),
-    ((torch.rand(5, 4), torch.rand(5, 4, device="meta")), {}, ValueError, "target must be on the device"),
-])
-def test_bad_inputs_raise_named_errors(args, kwargs, error, match, path):
-    with pytest.raises(error, match=match):
-        generalized_box_iou_loss(*args, **kwargs)
+@pytest.mark.parametrize("case", malformed_cases.CASES[OP], ids=str)
+def test_malformed_and_edge_inputs(case, assert_compiled):
+    """Every path (compiled, reference, fake kernel) raises the same named error, or gives
+    the same values, each case in its own process (tests/ops/malformed_cases.py)."""
+    assert_compiled(OP)
+    malformed_cases.check_case(OP, case)
 
 
 @pytest.mark.parametrize("args,match", [
@@ -208,8 +208,9 @@ def test_bad_inputs_raise_named_errors(args, kwargs, error, match, path):
 ])
 def test_compiled_op_checks_arguments(args, match, assert_compiled):
     assert_compiled(OP)
-    with pytest.raises(RuntimeError, match=match):
-        torch.ops.codetr.generalized_box_iou_loss(*args)
+    kernel, fake = malformed_cases.kernel_and_fake_errors(torch.ops.codetr.generalized_box_iou_loss, *args)
+    assert kernel is not None and re.search(match, kernel), kernel
+    assert fake == kernel
 
 
 def test_compiled_backward_checks_grad(assert_compiled):

@@ -10,6 +10,7 @@ import torchvision
 import codetr
 from codetr.ops import max_iou_assign, max_iou_assign_reference
 from assign_cases import grid_anchors, random_gts
+import malformed_cases
 
 OP = "max_iou_assign"
 # (pos_iou_thr, neg_iou_thr, min_pos_iou, match_low_quality, gt_max_assign_all)
@@ -275,22 +276,12 @@ def test_torch_compile_fullgraph(compiled):
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
-@pytest.mark.parametrize("case,match", [
-    (dict(priors=torch.zeros(5, 3)), "priors"),
-    (dict(priors=torch.zeros(3, 5, 4)), "priors"),
-    (dict(priors=torch.zeros(5, 4, dtype=torch.long)), "priors"),
-    (dict(gt_boxes=torch.zeros(2, 4)), "gt_boxes"),
-    (dict(gt_boxes=torch.zeros(2, 3, 4, dtype=torch.int32)), "gt_boxes"),
-    (dict(gt_counts=torch.tensor([1.0, 1.0])), "gt_counts"),
-    (dict(gt_counts=torch.tensor([1, 2, 3])), "gt_counts"),
-    (dict(gt_counts=torch.tensor([1, 4])), "gt_counts"),
-])
-def test_bad_inputs(mode, case, match):
-    args = dict(priors=torch.zeros(5, 4), gt_boxes=torch.zeros(2, 3, 4),
-                gt_counts=torch.tensor([1, 2]))
-    args.update(case)
-    with pytest.raises(RuntimeError, match=match):
-        max_iou_assign(args["priors"], args["gt_boxes"], args["gt_counts"], 0.5, 0.4)
+@pytest.mark.parametrize("case", malformed_cases.CASES[OP], ids=str)
+def test_malformed_and_edge_inputs(case, assert_compiled):
+    """Every path (compiled, reference, fake kernel) raises the same named error, or gives
+    the same values, each case in its own process (tests/ops/malformed_cases.py)."""
+    assert_compiled(OP)
+    malformed_cases.check_case(OP, case)
 
 
 def test_bad_neg_iou_thr(mode):

@@ -1,5 +1,6 @@
 """ms_deform_attn: compiled kernel vs the grid_sample reference, gradients, registration."""
 import os
+import re
 import subprocess
 import sys
 
@@ -8,6 +9,7 @@ import torch
 
 import codetr
 from codetr.ops import ms_deform_attn, ms_deform_attn_reference
+import malformed_cases
 
 OP = "ms_deform_attn"
 
@@ -261,28 +263,27 @@ def test_unknown_instruction_set_is_a_named_error():
     assert out.returncode != 0 and "CODETR_CPU_ISA must be baseline or avx2" in out.stderr
 
 
-def _bad(**changes):
-    args = dict(zip(("value", "spatial_shapes", "level_start_index", "sampling_locations",
-                     "attention_weights"), make_inputs([(4, 5), (2, 2)])))
-    args.update(changes)
-    return args
+@pytest.mark.parametrize("case", malformed_cases.CASES[OP], ids=str)
+def test_malformed_and_edge_inputs(case, assert_compiled):
+    """Every path (compiled, reference, fake kernel) raises the same named error, or gives
+    the same values, each case in its own process (tests/ops/malformed_cases.py)."""
+    assert_compiled(OP)
+    malformed_cases.check_case(OP, case)
 
 
 @pytest.mark.parametrize("changes,match", [
-    (lambda a: dict(value=a["value"][0]), "value must be 4-d"),
-    (lambda a: dict(value=a["value"][:, :-1]), "spatial_shapes sums to"),
-    (lambda a: dict(spatial_shapes=a["spatial_shapes"].float()), "spatial_shapes must have dtype"),
-    (lambda a: dict(spatial_shapes=torch.tensor([[4, -5], [2, 2]])), "non-negative"),
-    (lambda a: dict(level_start_index=torch.tensor([0, 7])), r"level_start_index\[1\] must be 20"),
-    (lambda a: dict(sampling_locations=a["sampling_locations"][..., :1]), r"sampling_locations must be \[N, Q, M, L, P, 2\]"),
-    (lambda a: dict(attention_weights=a["attention_weights"][:, :2]), r"attention_weights must be \[N, Q, M, L, P\]"),
-    (lambda a: dict(sampling_locations=a["sampling_locations"].float()), "sampling_locations must have the dtype of value"),
-    (lambda a: dict(value=a["value"].to(torch.int64)), "value must be a floating-point tensor"),
-    (lambda a: dict(attention_weights=a["attention_weights"].to("meta")), "attention_weights must be on the same device"),
+    (dict(grad_output=lambda g: g[:, :-1]), r"grad_output must be \[N, Q, M\*D\]"),
+    (dict(grad_output=lambda g: g.double()), "grad_output must have the dtype of value"),
+    (dict(grad_output=lambda g: g.to("meta")), "grad_output must be on the same device as value"),
+    (dict(value=lambda v: v[0]), "ms_deform_attn_backward: value must be 4-d"),
 ])
-def test_bad_inputs_raise_named_errors(changes, match, assert_compiled):
+def test_backward_op_checks_in_kernel_and_fake_kernel(changes, match, assert_compiled):
     assert_compiled(OP)
-    base = _bad()
-    args = _bad(**changes(base))
-    with pytest.raises(RuntimeError, match=match):
-        torch.ops.codetr.ms_deform_attn(*args.values())
+    value, shapes, starts, loc, attn = make_inputs([(4, 5), (2, 2)], dtype=torch.float32)
+    args = dict(grad_output=torch.rand(value.shape[0], loc.shape[1], value.shape[2] * value.shape[3]),
+                value=value, spatial_shapes=shapes, level_start_index=starts,
+                sampling_locations=loc, attention_weights=attn)
+    args.update({k: f(args[k]) for k, f in changes.items()})
+    kernel, fake = malformed_cases.kernel_and_fake_errors(torch.ops.codetr.ms_deform_attn_backward, *args.values())
+    assert kernel is not None and re.search(match, kernel), kernel
+    assert fake == kernel

@@ -1,8 +1,11 @@
 """nms / batched_nms: identical kept indices, in the same order, as torchvision (ties in
 score, duplicate and degenerate boxes, both batched_nms regimes), registration, bad inputs."""
+import re
+
 import pytest
 import torch
 import torchvision
+import malformed_cases
 
 import codetr
 from codetr.ops import batched_nms, batched_nms_reference, nms, nms_reference
@@ -175,18 +178,12 @@ def test_reference_functions_match_torchvision():
                        torchvision.ops.batched_nms(boxes, scores, idxs, 0.4))
 
 
-@pytest.mark.parametrize("fn,args,error,match", [
-    (nms, (torch.rand(5, 3), torch.rand(5), 0.5), ValueError, r"nms: boxes must be \[K, 4\]"),
-    (nms, (torch.rand(5, 4), torch.rand(4), 0.5), ValueError, r"nms: scores must be \[K\] with K = 5"),
-    (nms, (torch.rand(5, 4), torch.randint(0, 3, (5,)), 0.5), TypeError, "scores must be a floating-point"),
-    (nms, (torch.rand(5, 4), torch.rand(5, device="meta"), 0.5), ValueError, "scores must be on the device"),
-    (batched_nms, (torch.rand(5, 4), torch.rand(5), torch.rand(5), 0.5), TypeError, "idxs must be an integer"),
-    (batched_nms, (torch.rand(5, 4), torch.rand(5), torch.zeros(4, dtype=torch.long), 0.5), ValueError,
-     r"batched_nms: idxs must be \[K\] with K = 5"),
-])
-def test_bad_inputs_raise_named_errors(fn, args, error, match, path):
-    with pytest.raises(error, match=match):
-        fn(*args)
+@pytest.mark.parametrize("case", malformed_cases.CASES["nms"], ids=str)
+def test_malformed_and_edge_inputs(case, assert_compiled):
+    """Every path (compiled, reference, fake kernel) raises the same named error, or gives
+    the same values, each case in its own process (tests/ops/malformed_cases.py)."""
+    assert_compiled("nms") and assert_compiled("batched_nms")
+    malformed_cases.check_case("nms", case)
 
 
 @pytest.mark.parametrize("op,args,match", [
@@ -199,5 +196,6 @@ def test_bad_inputs_raise_named_errors(fn, args, error, match, path):
 ])
 def test_compiled_ops_check_arguments(op, args, match, assert_compiled):
     assert_compiled(op)
-    with pytest.raises(RuntimeError, match=match):
-        getattr(torch.ops.codetr, op)(*args)
+    kernel, fake = malformed_cases.kernel_and_fake_errors(getattr(torch.ops.codetr, op), *args)
+    assert kernel is not None and re.search(match, kernel), kernel
+    assert fake == kernel

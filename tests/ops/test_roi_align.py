@@ -6,9 +6,12 @@ compiled kernel and the pure-PyTorch reference are checked against it.
 """
 import math
 
+import re
+
 import pytest
 import torch
 import torchvision
+import malformed_cases
 
 import codetr
 from codetr.ops import (
@@ -223,38 +226,30 @@ def test_memory_layouts(path):
         torch.testing.assert_close(roi_align(variant, rois_t, 3, 0.5, 0, True), expected)
 
 
-def test_bad_inputs(path):
-    x = torch.randn(2, 3, 8, 8)
-    rois = torch.tensor([[0, 1.0, 1, 4, 4]])
-    errors = (RuntimeError, ValueError)
-    with pytest.raises(errors, match="input"):
-        roi_align(torch.randn(3, 8, 8), rois, 2)
-    with pytest.raises(errors, match="rois"):
-        roi_align(x, torch.zeros(3, 4), 2)
-    with pytest.raises(errors, match="rois"):
-        roi_align(x, torch.zeros(5), 2)
-    with pytest.raises(errors, match="rois"):
-        roi_align(x, torch.tensor([[2, 1.0, 1, 4, 4]]), 2)  # batch index == N
-    with pytest.raises(errors, match="rois"):
-        roi_align(x, torch.tensor([[-1, 1.0, 1, 4, 4]]), 2)
-    with pytest.raises(errors, match="rois"):
-        roi_align(x, rois.double(), 2)  # dtype differs from input's
-    with pytest.raises(errors, match="input"):
-        roi_align(torch.zeros(2, 3, 8, 8, dtype=torch.long), rois.long(), 2)
-    with pytest.raises(ValueError, match="output_size"):
-        roi_align(x, rois, (0, 2))
-    with pytest.raises(ValueError, match="output_size"):
-        roi_align(x, rois, (2, 2, 2))
+@pytest.mark.parametrize("case", malformed_cases.CASES[OP], ids=str)
+def test_malformed_and_edge_inputs(case, assert_compiled):
+    """Every path (compiled, reference, fake kernel) raises the same named error, or gives
+    the same values, each case in its own process (tests/ops/malformed_cases.py)."""
+    assert_compiled(OP)
+    malformed_cases.check_case(OP, case)
 
 
 def test_backward_op_checks(compiled):
     backward = torch.ops.codetr.roi_align_backward
     rois = torch.tensor([[0, 1.0, 1, 4, 4]])
-    with pytest.raises(RuntimeError, match="grad_output"):  # pooled size 2x3, not 2x2
-        backward(torch.zeros(1, 3, 2, 3), rois, 1.0, 2, 2, 1, 3, 8, 8, 0, True)
-    with pytest.raises(RuntimeError, match="rois"):  # batch index 1 with batch_size 1
-        backward(torch.zeros(1, 3, 2, 2), rois + torch.tensor([1.0, 0, 0, 0, 0]), 1.0, 2, 2, 1, 3,
-                 8, 8, 0, True)
+    for args, match, fake_checks in [
+        ((torch.zeros(1, 3, 2, 3), rois, 1.0, 2, 2, 1, 3, 8, 8, 0, True),  # pooled 2x3, not 2x2
+         r"grad_output must be \[K, C, pooled_height, pooled_width\] = \[1, 3, 2, 2\]", True),
+        ((torch.zeros(1, 3, 2, 2), rois.to("meta"), 1.0, 2, 2, 1, 3, 8, 8, 0, True),
+         "rois must be on the same device as grad_output", True),
+        ((torch.zeros(1, 3, 2, 2), rois, 1.0, 2, 2, 1, -3, 8, 8, 0, True),
+         "input sizes .* must be non-negative", True),
+        ((torch.zeros(1, 3, 2, 2), rois + torch.tensor([1.0, 0, 0, 0, 0]), 1.0, 2, 2, 1, 3, 8, 8,
+          0, True), r"rois\[:, 0\] must hold batch indices", False),  # index 1, batch_size 1
+    ]:
+        kernel, fake = malformed_cases.kernel_and_fake_errors(backward, *args)
+        assert kernel is not None and re.search(match, kernel), kernel
+        assert fake == (kernel if fake_checks else None)  # a fake tensor has no batch indices
 
 
 # ----------------------------------------------------------------------------------------
