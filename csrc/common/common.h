@@ -90,17 +90,35 @@ inline void check_floating(const at::Tensor& t, const char* op, const char* name
                    " must be a floating-point tensor, got ", t.scalar_type());
 }
 
-// Runs body(item) for item in [0, items) on at::parallel_for's threads, handing out items
-// one at a time from a shared counter. at::parallel_for splits a range into one fixed
-// chunk per thread, so on our shared machines a thread that gets descheduled holds up the
-// whole call; here the other threads take over its remaining items. Which thread runs an
-// item does not change its result, so kernels stay deterministic. init() is called once
-// per thread and its result (scratch buffers) passed to body.
+// Runs body(item, scratch) for item in [0, items) on at::parallel_for's threads, handing out
+// items one at a time from a shared counter; init() is called once per thread and its result
+// (scratch buffers) passed to body. at::parallel_for splits a range into one fixed chunk per
+// thread, so on our shared machines a thread that gets descheduled held up the whole call;
+// here the other threads take over its remaining items. Which thread runs an item does not
+// change its result, so kernels stay deterministic.
+//
+// `work` is the call's total work and `grain` the work below which a second thread does not
+// pay (both in the caller's unit, the grain measured per kernel): a call gets at most
+// work / grain threads, so a small call runs inline and waits for no thread. (Before, every
+// call started min(items, threads) threads and joined them all: on a loaded machine a
+// decoder-sized call whose second thread was not scheduled took milliseconds instead of
+// microseconds.) A call big enough for a team still joins it at OpenMP's barrier. Helpers
+// from ATen's inter-op pool, which the caller need not join, were measured and rejected:
+// under a competing load they won (decoder forward 2.1 vs 5.8 ms), but on a quiet machine
+// they fought OpenMP's threads, which spin for a while after every ATen op, for the cores
+// (decoder forward+backward 8.5 vs 5.2 ms); benchmarks/results/small_calls.json.
 template <typename Init, typename Body>
-void parallel_items(int64_t items, const Init& init, const Body& body) {
+void parallel_items(int64_t items, double work, double grain, const Init& init, const Body& body) {
   if (items <= 0) return;
+  const double by_work = grain > 0 ? std::min(work / grain, 1e9) : 1e9;
+  const int64_t workers = std::min<int64_t>(
+      {items, at::get_num_threads(), std::max<int64_t>(1, static_cast<int64_t>(by_work))});
+  if (workers == 1) {
+    auto scratch = init();
+    for (int64_t i = 0; i < items; ++i) body(i, scratch);
+    return;
+  }
   std::atomic<int64_t> next{0};
-  const int64_t workers = std::min<int64_t>(items, at::get_num_threads());
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     auto scratch = init();
     for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < items;

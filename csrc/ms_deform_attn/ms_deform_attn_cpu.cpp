@@ -320,6 +320,9 @@ struct Scratch {
 };
 
 constexpr int64_t kBlock = 256;  // queries per block of the forward
+// parallel_items grains, in work_units (benchmarks/bench_small_calls.py --grain-sweep).
+constexpr double kGrainForward = 5e5;  // two threads win from ~1e6 (x1.0 at 1.05e6, x1.5-1.9 at 4e6)
+constexpr double kGrainBackward = 2.5e5;  // from ~5e5 (x1.4 at 5.2e5, x0.4-0.9 at 2.6e5)
 
 // One query's coordinates and weights for one head are a slice of its record, so
 // consecutive queries' are a record apart (1 KiB for M=8, L=4, P=4): a stride the hardware
@@ -682,6 +685,28 @@ void copy_head(const src_t* __restrict src, dst_t* __restrict dst, const Dims& d
   }
 }
 
+// A call's work for parallel_items: bilinear samples times channels, plus the staged copy
+// of each head's maps in the padded layout.
+inline double work_units(const Dims& d, const Layout& layout) {
+  const double per_pair = static_cast<double>(d.Q) * d.L * d.P * d.D +
+                          (layout.padded ? static_cast<double>(layout.positions) * d.D : 0.0);
+  return per_pair * d.N * d.M;
+}
+
+// The work below which a second thread does not pay. CODETR_MSDA_GRAIN (forward,backward)
+// overrides them, for benchmarks/bench_small_calls.py --grain-sweep, which measured them.
+inline double grain_env(int which, double fallback) {
+  static const std::pair<double, double> grains = [] {
+    std::pair<double, double> g{-1, -1};
+    if (const char* env = std::getenv("CODETR_MSDA_GRAIN")) std::sscanf(env, "%lf,%lf", &g.first, &g.second);
+    return g;
+  }();
+  const double g = which == 0 ? grains.first : grains.second;
+  return g >= 0 ? g : fallback;
+}
+inline double grain_forward() { return grain_env(0, kGrainForward); }
+inline double grain_backward() { return grain_env(1, kGrainBackward); }
+
 // Staging memory that each thread keeps between calls, grown as needed: slot 0 for a
 // head's maps, slot 1 for the backward's grad_value accumulator, one head's padded size
 // each (3.2 MB in case A, 12.3 MB in D). Allocated per call, the buffers came from reused
@@ -727,7 +752,7 @@ void forward_kernel(const Args<scalar_t>& a, scalar_t* out) {
   const int64_t chunks =
       std::min(blocks, std::max<int64_t>(1, (4 * at::get_num_threads() + pairs - 1) / pairs));
   parallel_items(
-      pairs * chunks, [&] { return Scratch<acc_t>(d); },
+      pairs * chunks, work_units(d, layout), grain_forward(), [&] { return Scratch<acc_t>(d); },
       [&](int64_t item, Scratch<acc_t>& scratch) {
         const int64_t nm = item / chunks, chunk = item % chunks;
         Args<scalar_t> h = a;
@@ -766,7 +791,7 @@ void backward_kernel(const Args<scalar_t>& a, const scalar_t* grad_out,
   if (layout.padded) h.ss = d.D;
   const int64_t size = layout.padded ? layout.positions * d.D : 0;
   parallel_items(
-      d.N * d.M, [&] { return Scratch<acc_t>(d); },
+      d.N * d.M, work_units(d, layout), grain_backward(), [&] { return Scratch<acc_t>(d); },
       [&](int64_t nm, Scratch<acc_t>& scratch) {
         const int64_t n = nm / d.M, m = nm % d.M;
         const scalar_t* v;

@@ -208,9 +208,10 @@ def test_reduced_precision_value_with_fp32_coordinates(dtype, D, Q, assert_compi
 
 def test_backward_is_deterministic_across_thread_counts(assert_compiled, at_thread_counts):
     assert_compiled(OP)
-    value, shapes, starts, loc, attn = make_inputs([(16, 16), (8, 8)], N=2, Q=200, M=4, D=8, P=4,
+    # Big enough for three threads (about 1e6 work units, four backward grains).
+    value, shapes, starts, loc, attn = make_inputs([(16, 16), (8, 8)], N=2, Q=2000, M=4, D=8, P=4,
                                                   dtype=torch.float32, spread=0.0)
-    grad = torch.randn(2, 200, 32)
+    grad = torch.randn(2, 2000, 32)
     results = at_thread_counts(
         lambda: torch.ops.codetr.ms_deform_attn_backward(grad, value, shapes, starts, loc, attn))
     for r in results[1:]:
