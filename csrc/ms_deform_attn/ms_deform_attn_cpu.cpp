@@ -199,8 +199,10 @@ struct Levels {
       for (int64_t p = 0; p < d.P; ++p) {
         h.push_back(static_cast<acc_t>(H));
         w.push_back(static_cast<acc_t>(W));
-        h_lim.push_back(fits ? static_cast<acc_t>(H - 1 + 2 * pad_) : acc_t(0));
-        w_lim.push_back(fits ? static_cast<acc_t>(W - 1 + 2 * pad_) : acc_t(0));
+        // A zero-size level gets limits no sample is inside: it contributes nothing.
+        const bool empty = H == 0 || W == 0;
+        h_lim.push_back(fits && !empty ? static_cast<acc_t>(H - 1 + 2 * pad_) : acc_t(0));
+        w_lim.push_back(fits && !empty ? static_cast<acc_t>(W - 1 + 2 * pad_) : acc_t(0));
         base.push_back(fits ? static_cast<int32_t>(layout.start[l]) : 0);
         stride.push_back(fits ? static_cast<int32_t>(layout.stride[l]) : 0);
         const int64_t zero_rows = layout.start[l] + (H + 1) * layout.stride[l];
@@ -284,10 +286,13 @@ CODETR_ALWAYS_INLINE void make_taps(const Levels<acc_t>& lv, const acc_t* __rest
     w1[j] = hh * lw;
     w2[j] = lh * hw;
     w3[j] = lh * lw;
-    aw0[j] = a * w0[j];
-    aw1[j] = a * w1[j];
-    aw2[j] = a * w2[j];
-    aw3[j] = a * w3[j];
+    // A sample off the map contributes nothing, whatever its attention weight (NaN, inf),
+    // as in make_sample: in a padded layout it would otherwise read the zero rows, a * 0.
+    const acc_t a_in = in ? a : acc_t(0);
+    aw0[j] = a_in * w0[j];
+    aw1[j] = a_in * w1[j];
+    aw2[j] = a_in * w2[j];
+    aw3[j] = a_in * w3[j];
   }
 }
 

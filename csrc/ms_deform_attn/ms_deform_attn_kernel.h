@@ -50,8 +50,9 @@ CODETR_HOST_DEVICE CODETR_MSDA_INLINE Sample<acc_t> make_sample(acc_t loc_x, acc
   // Written so that NaN coordinates fail the test (floor(NaN) -> int64 is undefined).
   // h_im == -1 is kept: the corner at row 0 then has weight 0 but a non-zero gradient,
   // exactly as in grid_sample.
-  s.inside = (h_im >= acc_t(-1) && w_im >= acc_t(-1) && h_im < static_cast<acc_t>(H) &&
-              w_im < static_cast<acc_t>(W));
+  // A zero-size level has no corner on its map: nothing of it is inside.
+  s.inside = (H > 0 && W > 0 && h_im >= acc_t(-1) && w_im >= acc_t(-1) &&
+              h_im < static_cast<acc_t>(H) && w_im < static_cast<acc_t>(W));
   if (!s.inside) {
     for (int c = 0; c < 4; ++c) {
       s.pixel[c] = -1;

@@ -121,7 +121,11 @@ _MSDA = [
     Case("huge_locations", lambda: _msda(sampling_locations=_msda_locations([1e30, 0.5, -1e30, 0.5, 0.5, 3e38])), grad=True),
     Case("nan_weight_off_the_map", lambda: _msda(sampling_locations=_msda_locations([2.0, 2.0, INF, 0.1]), attention_weights=_set_first([NAN, NAN])), grad=True),
     Case("exact_borders", lambda: _msda(sampling_locations=_msda_locations([0.0, 0.0, 1.0, 1.0, -0.1, 0.5, 0.5, -0.25, 1.1, 0.0])), grad=True),
+    # Q * L * P >= S: the CPU kernel's padded (encoder) layout, where off-map samples read a
+    # frame of zeros.
+    Case("nan_weight_off_the_map_encoder", lambda: _msda(Q=12, sampling_locations=_msda_locations([2.0, 2.0, INF, 0.1, -0.6, 0.5]), attention_weights=_set_first([NAN, NAN, NAN])), grad=True),
     Case("zero_size_level", lambda: _msda(levels=((4, 5), (0, 3), (2, 2))), grad=True),
+    Case("zero_size_level_encoder", lambda: _msda(levels=((4, 5), (0, 3), (2, 2)), Q=12, attention_weights=_set_first([NAN, 0.5, NAN, 0.3, 1.0, NAN])), grad=True),
     Case("all_levels_empty", lambda: _msda(levels=((0, 5), (2, 0))), grad=True),
     Case("no_levels", lambda: _msda(levels=torch.zeros(0, 2, dtype=torch.long)), grad=True),
     Case("no_queries", lambda: _msda(Q=0), grad=True),

@@ -8,12 +8,15 @@ import statistics
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 import torchvision
 
 import codetr
+import malformed_cases
+from properties import PROPERTY_SETTINGS, assert_paths_agree, boxes, tensors, values
 from codetr.ops import atss_assign, atss_assign_reference
 from assign_cases import grid_anchors, random_gts
-import malformed_cases
 
 OP = "atss_assign"
 NEG = -100000000.0  # mmdetection's -INF for negatives
@@ -341,3 +344,22 @@ def test_malformed_and_edge_inputs(case, assert_compiled):
     the same values, each case in its own process (tests/ops/malformed_cases.py)."""
     assert_compiled(OP)
     malformed_cases.check_case(OP, case)
+
+
+@st.composite
+def atss_inputs(draw):
+    levels = [draw(st.integers(0, 6)) for _ in range(draw(st.integers(1, 3)))]
+    B, G = draw(st.integers(0, 2)), draw(st.integers(0, 3))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    special = draw(st.booleans())
+    anchors = boxes(draw, sum(levels), special, dtype)
+    gts = boxes(draw, B * G, special, dtype).view(B, G, 4)
+    counts = tensors(draw, (B,), st.integers(0, G), torch.long)
+    return anchors, levels, gts, counts, draw(st.integers(1, 4))
+
+
+@PROPERTY_SETTINGS
+@given(atss_inputs())
+def test_compiled_matches_reference_on_random_inputs(inputs):
+    anchors, levels, gts, counts, topk = inputs
+    assert_paths_agree(atss_assign, (anchors, levels, gts, counts), {"topk": topk})

@@ -4,10 +4,13 @@ import re
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 import torchvision
-import malformed_cases
 
 import codetr
+import malformed_cases
+from properties import PROPERTY_SETTINGS, assert_paths_agree, boxes, tensors, values
 from codetr.ops import box_iou, box_iou_reference
 
 OP = "box_iou"
@@ -291,3 +294,22 @@ def test_compiled_backward_checks_grad(assert_compiled):
     assert_compiled(OP)
     with pytest.raises(RuntimeError, match=r"grad must be \[B, N, M\] = \[1, 5, 4\]"):
         torch.ops.codetr.box_iou_backward(torch.rand(1, 5), torch.rand(1, 5, 4), torch.rand(1, 4, 4), "iou", False, 1e-6)
+
+
+@st.composite
+def box_iou_inputs(draw):
+    N, M = draw(st.integers(0, 5)), draw(st.integers(0, 5))
+    aligned = draw(st.booleans())
+    if aligned:
+        M = N
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    special = draw(st.booleans())
+    return (boxes(draw, N, special, dtype), boxes(draw, M, special, dtype),
+            draw(st.sampled_from(["iou", "iof", "giou"])), aligned)
+
+
+@PROPERTY_SETTINGS
+@given(box_iou_inputs())
+def test_compiled_matches_reference_on_random_inputs(inputs):
+    b1, b2, mode, aligned = inputs
+    assert_paths_agree(box_iou, (b1, b2), {"mode": mode, "aligned": aligned}, rtol=1e-5, atol=1e-6)

@@ -4,10 +4,13 @@ import re
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 import torchvision
-import malformed_cases
 
 import codetr
+import malformed_cases
+from properties import PROPERTY_SETTINGS, assert_paths_agree, boxes, tensors, values
 from codetr.ops import generalized_box_iou_loss
 
 OP = "generalized_box_iou_loss"
@@ -217,3 +220,20 @@ def test_compiled_backward_checks_grad(assert_compiled):
     assert_compiled(OP)
     with pytest.raises(RuntimeError, match=r"grad must be \[K\] = \[5\]"):
         torch.ops.codetr.generalized_box_iou_loss_backward(torch.rand(4), torch.rand(5, 4), torch.rand(5, 4), 1e-7)
+
+
+@st.composite
+def giou_inputs(draw):
+    K = draw(st.integers(0, 5))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    special = draw(st.booleans())
+    return (boxes(draw, K, special, dtype), boxes(draw, K, special, dtype),
+            draw(st.sampled_from(["none", "mean", "sum"])))
+
+
+@PROPERTY_SETTINGS
+@given(giou_inputs())
+def test_compiled_matches_reference_on_random_inputs(inputs):
+    pred, target, reduction = inputs
+    assert_paths_agree(generalized_box_iou_loss, (pred, target), {"reduction": reduction},
+                       rtol=1e-5, atol=1e-5)

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 import torchvision
 
 import codetr
+import malformed_cases
+from properties import PROPERTY_SETTINGS, assert_paths_agree, boxes, tensors, values
 from codetr.ops import max_iou_assign, max_iou_assign_reference
 from assign_cases import grid_anchors, random_gts
-import malformed_cases
 
 OP = "max_iou_assign"
 # (pos_iou_thr, neg_iou_thr, min_pos_iou, match_low_quality, gt_max_assign_all)
@@ -288,3 +291,25 @@ def test_bad_neg_iou_thr(mode):
     with pytest.raises(ValueError, match="neg_iou_thr"):
         max_iou_assign(torch.zeros(5, 4), torch.zeros(2, 3, 4), torch.tensor([1, 2]), 0.5,
                        (0.1, 0.2, 0.3))
+
+
+@st.composite
+def max_iou_inputs(draw):
+    A, B, G = draw(st.integers(0, 10)), draw(st.integers(0, 2)), draw(st.integers(0, 3))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    special = draw(st.booleans())
+    priors = boxes(draw, A, special, dtype)
+    if draw(st.booleans()):
+        priors = torch.stack([boxes(draw, A, special, dtype) for _ in range(B)]) if B else priors
+    gts = boxes(draw, B * G, special, dtype).view(B, G, 4)
+    counts = tensors(draw, (B,), st.integers(0, G), torch.long)
+    thresholds = draw(st.sampled_from([(0.7, 0.3, 0.3, True), (0.5, 0.5, 0.5, False),
+                                       (0.5, (0.1, 0.4), 0.0, True)]))
+    return priors, gts, counts, thresholds, draw(st.booleans())
+
+
+@PROPERTY_SETTINGS
+@given(max_iou_inputs())
+def test_compiled_matches_reference_on_random_inputs(inputs):
+    priors, gts, counts, (pos, neg, min_pos, low_quality), max_all = inputs
+    assert_paths_agree(max_iou_assign, (priors, gts, counts, pos, neg, min_pos, low_quality, max_all))

@@ -1,4 +1,5 @@
 """ms_deform_attn: compiled kernel vs the grid_sample reference, gradients, registration."""
+import math
 import os
 import re
 import subprocess
@@ -6,10 +7,13 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import codetr
-from codetr.ops import ms_deform_attn, ms_deform_attn_reference
 import malformed_cases
+from properties import PROPERTY_SETTINGS, assert_paths_agree, boxes, tensors, values
+from codetr.ops import ms_deform_attn, ms_deform_attn_reference
 
 OP = "ms_deform_attn"
 
@@ -288,3 +292,59 @@ def test_backward_op_checks_in_kernel_and_fake_kernel(changes, match, assert_com
     kernel, fake = malformed_cases.kernel_and_fake_errors(torch.ops.codetr.ms_deform_attn_backward, *args.values())
     assert kernel is not None and re.search(match, kernel), kernel
     assert fake == kernel
+
+
+# Attention weights stay at most 1 in magnitude, so sums of up to L * P * 4 terms of |value|
+# <= 1e30 never overflow float32: an overflow would depend on the summation order.
+_ATTN_SPECIAL = st.sampled_from([0.0, 1.0, 1e-30, math.nan])
+
+
+@st.composite
+def msda_inputs(draw):
+    N, Q, M, D = draw(st.integers(1, 2)), draw(st.integers(0, 4)), draw(st.integers(1, 3)), draw(st.integers(1, 4))
+    L, P = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    levels = [(draw(st.integers(0, 4)), draw(st.integers(0, 4))) for _ in range(L)]
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    special = draw(st.booleans())
+    shapes = torch.tensor(levels, dtype=torch.long)
+    sizes = shapes.prod(1)
+    starts = sizes.cumsum(0) - sizes
+    value = tensors(draw, (N, int(sizes.sum()), M, D), values(-3, 3, special), dtype)
+    loc = tensors(draw, (N, Q, M, L, P, 2), values(-0.3, 1.3, special), dtype)
+    attn_values = st.one_of(values(0, 1, False), _ATTN_SPECIAL) if special else values(0, 1, False)
+    attn = tensors(draw, (N, Q, M, L, P), attn_values, dtype)
+    # Now and then a malformed argument: both paths must raise the same error.
+    broken = draw(st.sampled_from(["none"] * 6 + ["points", "levels", "dtype", "index"]))
+    if broken == "points":
+        attn = attn[..., :-1]
+    elif broken == "levels":
+        shapes, starts = shapes[:-1], starts[:-1]
+    elif broken == "dtype":
+        loc = loc.to(torch.float64 if dtype == torch.float32 else torch.float32)
+    elif broken == "index":
+        starts = starts + 1
+    return (value, shapes, starts, loc, attn), special or broken != "none"
+
+
+@PROPERTY_SETTINGS
+@given(msda_inputs())
+def test_compiled_matches_reference_on_random_inputs(drawn):
+    (value, shapes, starts, loc, attn), special = drawn
+    # Summation order differs (corners, levels): cancellation of huge terms leaves up to
+    # eps * the largest term.
+    finite = value[value.isfinite()]
+    scale = float(finite.abs().max()) if finite.numel() else 1.0
+    eps = torch.finfo(value.dtype).eps
+    assert_paths_agree(ms_deform_attn, (value, shapes, starts, loc, attn),
+                       rtol=100 * eps, atol=100 * eps * max(scale, 1.0))
+    if not special:  # gradients, on finite inputs
+        def grads(path):
+            codetr.ops.set_ops_mode(path)
+            try:
+                leaves = [t.detach().requires_grad_() for t in (value, loc, attn)]
+                out = ms_deform_attn(leaves[0], shapes, starts, leaves[1], leaves[2])
+                return torch.autograd.grad(out.sum(), leaves, allow_unused=True)
+            finally:
+                codetr.ops.set_ops_mode("auto")
+        for c, r in zip(grads("compiled"), grads("reference")):
+            torch.testing.assert_close(c, r, rtol=1e3 * eps, atol=1e3 * eps * max(scale, 1.0))

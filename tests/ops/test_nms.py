@@ -1,13 +1,17 @@
 """nms / batched_nms: identical kept indices, in the same order, as torchvision (ties in
 score, duplicate and degenerate boxes, both batched_nms regimes), registration, bad inputs."""
+import math
 import re
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 import torchvision
-import malformed_cases
 
 import codetr
+import malformed_cases
+from properties import PROPERTY_SETTINGS, assert_paths_agree, boxes, tensors, values
 from codetr.ops import batched_nms, batched_nms_reference, nms, nms_reference
 
 OPS = ("nms", "batched_nms")
@@ -199,3 +203,24 @@ def test_compiled_ops_check_arguments(op, args, match, assert_compiled):
     kernel, fake = malformed_cases.kernel_and_fake_errors(getattr(torch.ops.codetr, op), *args)
     assert kernel is not None and re.search(match, kernel), kernel
     assert fake == kernel
+
+
+@st.composite
+def nms_inputs(draw):
+    K = draw(st.integers(0, 8))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    special = draw(st.booleans())
+    scores = tensors(draw, (K,), values(0, 1, special), dtype)
+    threshold = draw(st.one_of(st.floats(0, 1), st.sampled_from([0.0, 1.0, math.nan, -1.0])))
+    classes = tensors(draw, (K,), st.integers(0, 2), torch.long) if draw(st.booleans()) else None
+    return boxes(draw, K, special, dtype), scores, classes, threshold
+
+
+@PROPERTY_SETTINGS
+@given(nms_inputs())
+def test_compiled_matches_reference_on_random_inputs(inputs):
+    b, scores, classes, threshold = inputs
+    if classes is None:
+        assert_paths_agree(nms, (b, scores, threshold))
+    else:
+        assert_paths_agree(batched_nms, (b, scores, classes, threshold))

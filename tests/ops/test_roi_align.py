@@ -10,10 +10,13 @@ import re
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 import torchvision
-import malformed_cases
 
 import codetr
+import malformed_cases
+from properties import PROPERTY_SETTINGS, assert_paths_agree, boxes, tensors, values
 from codetr.ops import (
     MultiScaleRoIAlign, map_roi_levels, roi_align, set_ops_mode,
 )
@@ -359,3 +362,25 @@ def test_multiscale_empty_and_errors(path):
         module(feats[:1], torch.zeros(0, 5))
     with pytest.raises(ValueError, match="rois"):
         module(feats, torch.zeros(3, 4))
+
+
+@st.composite
+def roi_align_inputs(draw):
+    N, C, H, W, K = (draw(st.integers(1, 2)), draw(st.integers(0, 3)), draw(st.integers(1, 6)),
+                     draw(st.integers(1, 6)), draw(st.integers(0, 4)))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    special = draw(st.booleans())
+    input = tensors(draw, (N, C, H, W), values(-3, 3, False), dtype)
+    index = tensors(draw, (K, 1), st.sampled_from([0.0, 0.5, float(N - 1)] + ([float(N)] if special else [])), dtype)
+    rois = torch.cat([index, boxes(draw, K, special, dtype) / 4], 1)
+    output_size = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    kwargs = {"spatial_scale": draw(st.sampled_from([1.0, 0.5, 0.25])),
+              "sampling_ratio": draw(st.sampled_from([-1, 0, 1, 2])), "aligned": draw(st.booleans())}
+    return (input, rois, output_size), kwargs
+
+
+@PROPERTY_SETTINGS
+@given(roi_align_inputs())
+def test_compiled_matches_reference_on_random_inputs(inputs):
+    args, kwargs = inputs
+    assert_paths_agree(roi_align, args, kwargs, rtol=1e-5, atol=1e-5)
