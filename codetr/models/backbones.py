@@ -32,10 +32,22 @@ class FrozenBatchNorm2d(nn.Module):
         self.register_buffer("running_var", torch.ones(num_features))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
         scale = self.weight * (self.running_var + self.eps).rsqrt()
-        shift = self.bias - self.running_mean * scale
+        return scale, self.bias - self.running_mean * scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.scale_shift()
         return x * scale[None, :, None, None] + shift[None, :, None, None]
+
+
+def conv_frozen_bn(conv: nn.Conv2d, bn: FrozenBatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """bn(conv(x)) as one convolution: the frozen affine folded into the (bias-free) conv's
+    weight and bias. Equal up to rounding, and it spares two passes over every backbone
+    activation (mul and add: ~0.2 s of a 6 s r50 inference at 800 x 1216)."""
+    scale, shift = bn.scale_shift()
+    return F.conv2d(x, conv.weight * scale[:, None, None, None], shift, conv.stride, conv.padding,
+                    conv.dilation, conv.groups)
 
 
 def mask_to(mask: Optional[torch.Tensor], x: torch.Tensor) -> Optional[torch.Tensor]:
@@ -78,11 +90,11 @@ class Bottleneck(nn.Module):
         self.downsample = downsample
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = zero_padding(self.relu(self.bn1(self.conv1(x))), mask)
-        out = zero_padding(self.relu(self.bn2(self.conv2(out))), mask)
-        out = self.bn3(self.conv3(out))
-        return zero_padding(self.relu(out + identity), mask)
+        identity = x if self.downsample is None else conv_frozen_bn(*self.downsample, x)
+        out = zero_padding(self.relu(conv_frozen_bn(self.conv1, self.bn1, x)), mask)
+        out = zero_padding(self.relu(conv_frozen_bn(self.conv2, self.bn2, out)), mask)
+        out = conv_frozen_bn(self.conv3, self.bn3, out)
+        return zero_padding(self.relu(out.add_(identity)), mask)
 
 
 class ResNet50(nn.Module):
@@ -135,7 +147,7 @@ class ResNet50(nn.Module):
 
     def forward(self, images: torch.Tensor, mask: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
         mask = drop_empty_mask(mask)
-        x = zero_padding(self.relu(self.bn1(self.conv1(images))), mask)
+        x = zero_padding(self.relu(conv_frozen_bn(self.conv1, self.bn1, images)), mask)
         x = self.maxpool(x)  # inputs are >= 0 after ReLU, so zeros in padding are harmless
         outs = []
         for i in range(1, 5):

@@ -42,8 +42,26 @@ class FFN(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.norm = nn.LayerNorm(d_model)
 
+    # Inference runs the tokens in chunks of this many: the [chunk, dim_ff] activation
+    # (16 MB at 2048) is then heap memory reused chunk after chunk, where the whole [S, dim_ff]
+    # one (165 MB for an 800 x 1216 encoder) was fresh mmap pages, faulted in on first touch.
+    # Same values bit for bit; an encoder FFN at 800 x 1216: 300-335 -> 247 ms (chunks of 512:
+    # 258, 1024: 248, 4096: 298).
+    CHUNK = 2048
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(x))))))
+        # On 2-d tokens, so that linear1's output is not a view and the ReLU can run in place
+        # under autograd (on a view it becomes a CopySlices of the whole activation).
+        flat = x.reshape(-1, x.shape[-1])
+        if self.training or torch.is_grad_enabled() or flat.shape[0] <= self.CHUNK:
+            h = F.relu(self.linear1(flat), inplace=True)
+            out = self.linear2(self.dropout(h))
+        else:
+            out = torch.empty_like(flat)
+            for i in range(0, flat.shape[0], self.CHUNK):
+                h = F.relu(self.linear1(flat[i : i + self.CHUNK]), inplace=True)
+                torch.addmm(self.linear2.bias, h, self.linear2.weight.t(), out=out[i : i + self.CHUNK])
+        return self.norm(x + self.dropout(out.view_as(x)))
 
 
 class EncoderLayer(nn.Module):
