@@ -147,6 +147,10 @@ class ResNet50(nn.Module):
 
     def forward(self, images: torch.Tensor, mask: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
         mask = drop_empty_mask(mask)
+        # Channels-last activations: oneDNN's convolutions then skip a layout reorder of every
+        # input and output (800 x 1216, 2 threads: 1.54 -> 1.02 s inference, 2.70 -> 2.42 s
+        # forward + backward; the same values up to rounding, 2e-6 relative).
+        images = images.contiguous(memory_format=torch.channels_last)
         x = zero_padding(self.relu(conv_frozen_bn(self.conv1, self.bn1, images)), mask)
         x = self.maxpool(x)  # inputs are >= 0 after ReLU, so zeros in padding are harmless
         outs = []
