@@ -42,11 +42,12 @@ def hf_model():
     return DeformableDetrForObjectDetection(config)
 
 
-def our_model():
+def our_model(recompute_encoder_ffn: bool = False):
     from codetr.config import build_model
 
     torch.manual_seed(0)
-    return build_model(PRESET, NUM_CLASSES, **{"backbone.pretrained": False}).detector
+    return build_model(PRESET, NUM_CLASSES, **{"backbone.pretrained": False,
+                                               "transformer.recompute_encoder_ffn": recompute_encoder_ffn}).detector
 
 
 def batch(size: tuple[int, int], n: int, boxes: int = 10):
@@ -67,31 +68,39 @@ def batch(size: tuple[int, int], n: int, boxes: int = 10):
     return (images, masks, targets), (images, ~masks, labels)
 
 
-def train_steps():
-    """{name: one training step (forward, backward, AdamW)} for both models, batch 2 at
-    512 x 640 with 10 boxes per image."""
-    ours, theirs = our_model().train(), hf_model().train()
+MODELS = {"codetr": our_model, "codetr_recompute_ffn": lambda: our_model(True),
+          "transformers": hf_model}
+
+
+def train_steps(names=tuple(MODELS)):
+    """{name: one training step (forward, backward, AdamW)}, batch 2 at 512 x 640 with 10
+    boxes per image: ours as the preset, ours with transformer.recompute_encoder_ffn, and
+    the transformers model."""
+    models = {name: MODELS[name]() for name in names}
     (images, masks, targets), (pixels, pixel_mask, labels) = batch((512, 640), 2)
-    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4)
-    opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=1e-4)
+    steps = {}
+    for name, model in models.items():
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        if name == "transformers":
+            def loss(m=model):
+                return m(pixel_values=pixels, pixel_mask=pixel_mask, labels=labels).loss
+        else:
+            def loss(m=model):
+                return sum(m(images, masks, targets).values())
 
-    def step_ours():
-        loss = sum(ours(images, masks, targets).values())
-        opt_ours.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_ours.step()
+        def step(loss=loss, opt=opt):
+            value = loss()
+            opt.zero_grad(set_to_none=True)
+            value.backward()
+            opt.step()
 
-    def step_theirs():
-        loss = theirs(pixel_values=pixels, pixel_mask=pixel_mask, labels=labels).loss
-        opt_theirs.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_theirs.step()
-
-    return {"codetr": step_ours, "transformers": step_theirs}
+        steps[name] = step
+    return steps
 
 
 def probe(which: str) -> dict:
-    step = train_steps()[which]
+    step = train_steps((which,))[which]
     step()  # the optimizer state
     reset_peak_rss()
     step()
@@ -130,7 +139,7 @@ def main() -> int:
     ap.add_argument("--sizes", default="800x1216,512x640")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-train", action="store_true")
-    ap.add_argument("--probe", choices=["codetr", "transformers"], help=argparse.SUPPRESS)
+    ap.add_argument("--probe", choices=list(MODELS), help=argparse.SUPPRESS)
     ap.add_argument("--out", default="benchmarks/results/vs_transformers.json")
     args = ap.parse_args()
     try:
@@ -170,11 +179,13 @@ def main() -> int:
     if not args.skip_train:
         t = time_side_by_side(train_steps(), cpu, repeats=args.repeats, warmup=1, warmup_s=0.0,
                               min_time_s=0.0)
-        mem = {k: measure_in_subprocess(__file__, [k])["peak_rss_mib"] for k in ("codetr", "transformers")}
-        rows.append({"case": "train step 2x512x640", "codetr_s": t["codetr"],
-                     "transformers_s": t["transformers"], "speedup": t["transformers"] / t["codetr"],
-                     "codetr_peak_mib": mem["codetr"], "transformers_peak_mib": mem["transformers"],
-                     "memory_ratio": mem["codetr"] / mem["transformers"]})
+        mem = {k: measure_in_subprocess(__file__, [k])["peak_rss_mib"] for k in t}
+        for ours in ("codetr", "codetr_recompute_ffn"):
+            rows.append({"case": "train step 2x512x640" + (", recompute FFN" if "recompute" in ours else ""),
+                         "codetr_s": t[ours], "transformers_s": t["transformers"],
+                         "speedup": t["transformers"] / t[ours], "codetr_peak_mib": mem[ours],
+                         "transformers_peak_mib": mem["transformers"],
+                         "memory_ratio": mem[ours] / mem["transformers"]})
     print(f"{PRESET} (K=0) vs transformers {transformers.__version__} DeformableDetr, "
           f"{torch.get_num_threads()} threads; parameters {params}; matmul {rate:.0f} GFLOP/s")
     print_table(rows, [("case", "case", "s"), ("codetr_s", "codetr s", ".2f"),

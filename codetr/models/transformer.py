@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .detector import Memory
 from .ms_deform_attn import MSDeformAttn
@@ -36,11 +37,15 @@ class MLP(nn.Module):
 class FFN(nn.Module):
     """Post-norm feed-forward block: x + Linear(ReLU(Linear(x))) -> LayerNorm."""
 
-    def __init__(self, d_model: int, dim_ff: int, dropout: float):
+    def __init__(self, d_model: int, dim_ff: int, dropout: float, recompute: bool = False):
         super().__init__()
         self.linear1, self.linear2 = nn.Linear(d_model, dim_ff), nn.Linear(dim_ff, d_model)
         self.dropout = nn.Dropout(dropout)
         self.norm = nn.LayerNorm(d_model)
+        self.recompute = recompute  # training: the activation recomputed in the backward
+
+    def _hidden(self, flat: torch.Tensor) -> torch.Tensor:
+        return self.linear2(self.dropout(F.relu(self.linear1(flat), inplace=True)))
 
     # Inference runs the tokens in chunks of this many: the [chunk, dim_ff] activation
     # (16 MB at 2048) is then heap memory reused chunk after chunk, where the whole [S, dim_ff]
@@ -53,9 +58,10 @@ class FFN(nn.Module):
         # On 2-d tokens, so that linear1's output is not a view and the ReLU can run in place
         # under autograd (on a view it becomes a CopySlices of the whole activation).
         flat = x.reshape(-1, x.shape[-1])
-        if self.training or torch.is_grad_enabled() or flat.shape[0] <= self.CHUNK:
-            h = F.relu(self.linear1(flat), inplace=True)
-            out = self.linear2(self.dropout(h))
+        if self.recompute and torch.is_grad_enabled():
+            out = checkpoint(self._hidden, flat, use_reentrant=False)
+        elif self.training or torch.is_grad_enabled() or flat.shape[0] <= self.CHUNK:
+            out = self._hidden(flat)
         else:
             out = torch.empty_like(flat)
             for i in range(0, flat.shape[0], self.CHUNK):
@@ -65,12 +71,13 @@ class FFN(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    def __init__(self, d_model: int, dim_ff: int, n_levels: int, n_heads: int, n_points: int, dropout: float):
+    def __init__(self, d_model: int, dim_ff: int, n_levels: int, n_heads: int, n_points: int, dropout: float,
+                 recompute_ffn: bool = False):
         super().__init__()
         self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
         self.dropout = nn.Dropout(dropout)
         self.norm = nn.LayerNorm(d_model)
-        self.ffn = FFN(d_model, dim_ff, dropout)
+        self.ffn = FFN(d_model, dim_ff, dropout, recompute_ffn)
 
     def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask):
         out = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)
@@ -78,7 +85,8 @@ class EncoderLayer(nn.Module):
 
 
 class DeformableEncoder(nn.Module):
-    """Args: d_model, num_layers, dim_ff (FFN hidden size), n_levels, n_heads, n_points, dropout.
+    """Args: d_model, num_layers, dim_ff (FFN hidden size), n_levels, n_heads, n_points, dropout,
+    recompute_ffn (training: each FFN's activation recomputed in the backward, not kept).
 
     ``forward(src [B, S, C], pos [B, S, C], spatial_shapes [L, 2], level_start_index [L],
     valid_ratios [B, L, 2] (w, h fraction of each level that is not padding),
@@ -86,9 +94,9 @@ class DeformableEncoder(nn.Module):
     """
 
     def __init__(self, d_model: int = 256, num_layers: int = 6, dim_ff: int = 2048, n_levels: int = 4,
-                 n_heads: int = 8, n_points: int = 4, dropout: float = 0.0):
+                 n_heads: int = 8, n_points: int = 4, dropout: float = 0.0, recompute_ffn: bool = False):
         super().__init__()
-        layer = EncoderLayer(d_model, dim_ff, n_levels, n_heads, n_points, dropout)
+        layer = EncoderLayer(d_model, dim_ff, n_levels, n_heads, n_points, dropout, recompute_ffn)
         self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
 
     @staticmethod

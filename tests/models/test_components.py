@@ -118,3 +118,22 @@ def test_presets_and_overrides():
     assert groups[1]["lr"] == pytest.approx(2e-5)
     assert any("sampling_offsets" in n for n in names) and any(n.startswith("backbone") for n in names)
     assert not any("class_heads" in n for n in names)
+
+
+def test_recomputed_encoder_ffn_gives_the_same_gradients():
+    """transformer.recompute_encoder_ffn trades memory for time only: the loss and every
+    gradient of a training step are those of the plain FFN, bit for bit."""
+    from codetr.models.transformer import FFN
+
+    torch.manual_seed(0)
+    plain = FFN(16, 64, 0.0)
+    recomputed = FFN(16, 64, 0.0, recompute=True)
+    recomputed.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 37, 16)
+    grads = []
+    for ffn in (plain, recomputed):
+        xi = x.clone().requires_grad_()
+        (ffn(xi) * torch.linspace(-1, 1, 16)).sum().backward()
+        grads.append([xi.grad] + [p.grad for p in ffn.parameters()])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
