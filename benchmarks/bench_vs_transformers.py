@@ -42,12 +42,11 @@ def hf_model():
     return DeformableDetrForObjectDetection(config)
 
 
-def our_model(recompute_encoder_ffn: bool = False):
+def our_model():
     from codetr.config import build_model
 
     torch.manual_seed(0)
-    return build_model(PRESET, NUM_CLASSES, **{"backbone.pretrained": False,
-                                               "transformer.recompute_encoder_ffn": recompute_encoder_ffn}).detector
+    return build_model(PRESET, NUM_CLASSES, **{"backbone.pretrained": False}).detector
 
 
 def batch(size: tuple[int, int], n: int, boxes: int = 10):
@@ -68,14 +67,12 @@ def batch(size: tuple[int, int], n: int, boxes: int = 10):
     return (images, masks, targets), (images, ~masks, labels)
 
 
-MODELS = {"codetr": our_model, "codetr_recompute_ffn": lambda: our_model(True),
-          "transformers": hf_model}
+MODELS = {"codetr": our_model, "transformers": hf_model}
 
 
 def train_steps(names=tuple(MODELS)):
     """{name: one training step (forward, backward, AdamW)}, batch 2 at 512 x 640 with 10
-    boxes per image: ours as the preset, ours with transformer.recompute_encoder_ffn, and
-    the transformers model."""
+    boxes per image."""
     models = {name: MODELS[name]() for name in names}
     (images, masks, targets), (pixels, pixel_mask, labels) = batch((512, 640), 2)
     steps = {}
@@ -180,12 +177,10 @@ def main() -> int:
         t = time_side_by_side(train_steps(), cpu, repeats=args.repeats, warmup=1, warmup_s=0.0,
                               min_time_s=0.0)
         mem = {k: measure_in_subprocess(__file__, [k])["peak_rss_mib"] for k in t}
-        for ours in ("codetr", "codetr_recompute_ffn"):
-            rows.append({"case": "train step 2x512x640" + (", recompute FFN" if "recompute" in ours else ""),
-                         "codetr_s": t[ours], "transformers_s": t["transformers"],
-                         "speedup": t["transformers"] / t[ours], "codetr_peak_mib": mem[ours],
-                         "transformers_peak_mib": mem["transformers"],
-                         "memory_ratio": mem[ours] / mem["transformers"]})
+        rows.append({"case": "train step 2x512x640", "codetr_s": t["codetr"],
+                     "transformers_s": t["transformers"], "speedup": t["transformers"] / t["codetr"],
+                     "codetr_peak_mib": mem["codetr"], "transformers_peak_mib": mem["transformers"],
+                     "memory_ratio": mem["codetr"] / mem["transformers"]})
     print(f"{PRESET} (K=0) vs transformers {transformers.__version__} DeformableDetr, "
           f"{torch.get_num_threads()} threads; parameters {params}; matmul {rate:.0f} GFLOP/s")
     print_table(rows, [("case", "case", "s"), ("codetr_s", "codetr s", ".2f"),

@@ -40,10 +40,6 @@ class TransformerConfig:
     n_points: int = 4
     num_levels: int = 4
     dropout: float = 0.0
-    # Training: recompute each encoder FFN's [S, dim_ff] activation in the backward instead of
-    # keeping it (torch.utils.checkpoint). r50 batch 2 at 512 x 640: peak memory and step time
-    # in benchmarks/results/vs_transformers*.json.
-    recompute_encoder_ffn: bool = False
 
 
 @dataclass
@@ -230,7 +226,7 @@ def build_model(cfg: Union[str, DetectorConfig], num_classes: int, aux_heads: Op
     neck = ChannelMapper(backbone.out_channels, t.d_model, num_extra=t.num_levels - len(backbone.out_channels))
     kw = dict(d_model=t.d_model, dim_ff=t.dim_feedforward, n_levels=t.num_levels, n_heads=t.n_heads,
               n_points=t.n_points, dropout=t.dropout)
-    encoder = DeformableEncoder(num_layers=t.num_encoder_layers, recompute_ffn=t.recompute_encoder_ffn, **kw)
+    encoder = DeformableEncoder(num_layers=t.num_encoder_layers, **kw)
     decoder = DeformableDecoder(num_layers=t.num_decoder_layers, dynamic_query_pos=cfg.query_pos == "dynamic", **kw)
     matcher = HungarianMatcher(lc.weight_cls, lc.weight_bbox, lc.weight_giou, lc.focal_alpha, lc.focal_gamma)
     criterion = SetCriterion(num_classes, matcher, lc.weight_cls, lc.weight_bbox, lc.weight_giou,

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.autograd.function import once_differentiable
 
 from .detector import Memory
 from .ms_deform_attn import MSDeformAttn
@@ -34,50 +34,104 @@ class MLP(nn.Module):
         return x
 
 
-class FFN(nn.Module):
-    """Post-norm feed-forward block: x + Linear(ReLU(Linear(x))) -> LayerNorm."""
+class _ChunkedFFN(torch.autograd.Function):
+    """Linear(ReLU(Linear(x))) over 2-d tokens in row chunks, the [chunk, dim_ff] activation
+    recomputed in the backward instead of kept.
 
-    def __init__(self, d_model: int, dim_ff: int, dropout: float, recompute: bool = False):
+    Why: a whole-sequence activation ([13600, 2048] for batch 2 at 512 x 640, 111 MB per
+    encoder layer) is fresh mmap memory each time it is allocated, and filling it (addmm's
+    bias copy, the ReLU mask in the backward) costs as much as a matmul; the chunk buffers are
+    heap memory reused chunk after chunk. The chunked matmuls give the same values as the
+    whole ones up to summation order; the backward costs one more [chunk, d] x [d, dim_ff]
+    matmul per chunk than storing the activation, and saves its memory.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, chunk: int):
+        out = x.new_empty(x.shape[0], w2.shape[0])
+        h = None
+        for i in range(0, x.shape[0], chunk):
+            rows = slice(i, i + chunk)
+            h = torch.addmm(b1, x[rows], w1.t(), out=_buffer(h, x, x[rows].shape[0], w1.shape[0]))
+            torch.addmm(b2, h.relu_(), w2.t(), out=out[rows])
+        ctx.save_for_backward(x, w1, b1, w2)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, w1, b1, w2 = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_w1 = torch.zeros_like(w1) if need_w1 else None
+        grad_b1 = torch.zeros_like(b1) if need_b1 else None
+        grad_w2 = torch.zeros_like(w2) if need_w2 else None
+        h = gh = None
+        for i in range(0, x.shape[0], ctx.chunk):
+            rows = slice(i, i + ctx.chunk)
+            n, gy = x[rows].shape[0], grad_out[rows]
+            h = torch.addmm(b1, x[rows], w1.t(), out=_buffer(h, x, n, w1.shape[0])).relu_()
+            if need_w2:
+                grad_w2.addmm_(gy.t(), h)
+            if not (need_x or need_w1 or need_b1):
+                continue
+            gh = torch.mm(gy, w2, out=_buffer(gh, x, n, w2.shape[1]))
+            # ReLU's backward in place, one pass (masked_fill_(h == 0, 0) is 18x slower)
+            torch.ops.aten.threshold_backward.grad_input(gh, h, 0, grad_input=gh)
+            if need_w1:
+                grad_w1.addmm_(gh.t(), x[rows])
+            if need_b1:
+                grad_b1 += gh.sum(0)
+            if need_x:
+                torch.mm(gh, w1, out=grad_x[rows])
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_out.sum(0) if need_b2 else None, None
+
+
+def _buffer(buf: Optional[torch.Tensor], like: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """The chunk buffer, reused; the last (shorter) chunk takes its leading rows."""
+    if buf is not None and buf.shape[0] >= rows:
+        return buf[:rows]
+    return like.new_empty(rows, cols)
+
+
+class FFN(nn.Module):
+    """Post-norm feed-forward block: x + Linear(ReLU(Linear(x))) -> LayerNorm.
+
+    Without active dropout or autocast, the two linears run as `_ChunkedFFN` (chunks of
+    CHUNK tokens, the activation recomputed in the backward): an encoder FFN at 800 x 1216
+    inference 300-335 -> 247 ms (chunks of 512: 258, 1024: 248, 4096: 298); r50 training
+    step at 512 x 640 in benchmarks/results/vs_transformers.json.
+    """
+
+    CHUNK = 2048
+
+    def __init__(self, d_model: int, dim_ff: int, dropout: float):
         super().__init__()
         self.linear1, self.linear2 = nn.Linear(d_model, dim_ff), nn.Linear(dim_ff, d_model)
         self.dropout = nn.Dropout(dropout)
         self.norm = nn.LayerNorm(d_model)
-        self.recompute = recompute  # training: the activation recomputed in the backward
-
-    def _hidden(self, flat: torch.Tensor) -> torch.Tensor:
-        return self.linear2(self.dropout(F.relu(self.linear1(flat), inplace=True)))
-
-    # Inference runs the tokens in chunks of this many: the [chunk, dim_ff] activation
-    # (16 MB at 2048) is then heap memory reused chunk after chunk, where the whole [S, dim_ff]
-    # one (165 MB for an 800 x 1216 encoder) was fresh mmap pages, faulted in on first touch.
-    # Same values bit for bit; an encoder FFN at 800 x 1216: 300-335 -> 247 ms (chunks of 512:
-    # 258, 1024: 248, 4096: 298).
-    CHUNK = 2048
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # On 2-d tokens, so that linear1's output is not a view and the ReLU can run in place
-        # under autograd (on a view it becomes a CopySlices of the whole activation).
         flat = x.reshape(-1, x.shape[-1])
-        if self.recompute and torch.is_grad_enabled():
-            out = checkpoint(self._hidden, flat, use_reentrant=False)
-        elif self.training or torch.is_grad_enabled() or flat.shape[0] <= self.CHUNK:
-            out = self._hidden(flat)
+        # Dropout and autocast need the plain ops, and so do the compiler's tracers (export).
+        if ((self.training and self.dropout.p > 0) or torch.is_autocast_enabled(x.device.type)
+                or torch.compiler.is_compiling()):
+            out = self.linear2(self.dropout(F.relu(self.linear1(flat))))
         else:
-            out = torch.empty_like(flat)
-            for i in range(0, flat.shape[0], self.CHUNK):
-                h = F.relu(self.linear1(flat[i : i + self.CHUNK]), inplace=True)
-                torch.addmm(self.linear2.bias, h, self.linear2.weight.t(), out=out[i : i + self.CHUNK])
+            out = _ChunkedFFN.apply(flat, self.linear1.weight, self.linear1.bias, self.linear2.weight,
+                                    self.linear2.bias, self.CHUNK)
         return self.norm(x + self.dropout(out.view_as(x)))
 
 
 class EncoderLayer(nn.Module):
-    def __init__(self, d_model: int, dim_ff: int, n_levels: int, n_heads: int, n_points: int, dropout: float,
-                 recompute_ffn: bool = False):
+    def __init__(self, d_model: int, dim_ff: int, n_levels: int, n_heads: int, n_points: int, dropout: float):
         super().__init__()
         self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
         self.dropout = nn.Dropout(dropout)
         self.norm = nn.LayerNorm(d_model)
-        self.ffn = FFN(d_model, dim_ff, dropout, recompute_ffn)
+        self.ffn = FFN(d_model, dim_ff, dropout)
 
     def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask):
         out = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)
@@ -85,8 +139,7 @@ class EncoderLayer(nn.Module):
 
 
 class DeformableEncoder(nn.Module):
-    """Args: d_model, num_layers, dim_ff (FFN hidden size), n_levels, n_heads, n_points, dropout,
-    recompute_ffn (training: each FFN's activation recomputed in the backward, not kept).
+    """Args: d_model, num_layers, dim_ff (FFN hidden size), n_levels, n_heads, n_points, dropout.
 
     ``forward(src [B, S, C], pos [B, S, C], spatial_shapes [L, 2], level_start_index [L],
     valid_ratios [B, L, 2] (w, h fraction of each level that is not padding),
@@ -94,9 +147,9 @@ class DeformableEncoder(nn.Module):
     """
 
     def __init__(self, d_model: int = 256, num_layers: int = 6, dim_ff: int = 2048, n_levels: int = 4,
-                 n_heads: int = 8, n_points: int = 4, dropout: float = 0.0, recompute_ffn: bool = False):
+                 n_heads: int = 8, n_points: int = 4, dropout: float = 0.0):
         super().__init__()
-        layer = EncoderLayer(d_model, dim_ff, n_levels, n_heads, n_points, dropout, recompute_ffn)
+        layer = EncoderLayer(d_model, dim_ff, n_levels, n_heads, n_points, dropout)
         self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
 
     @staticmethod

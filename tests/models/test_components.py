@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from codetr.config import PRESETS, build_detector, get_preset, param_groups
 from codetr.models.neck import ChannelMapper, MaskedGroupNorm
@@ -120,20 +121,37 @@ def test_presets_and_overrides():
     assert not any("class_heads" in n for n in names)
 
 
-def test_recomputed_encoder_ffn_gives_the_same_gradients():
-    """transformer.recompute_encoder_ffn trades memory for time only: the loss and every
-    gradient of a training step are those of the plain FFN, bit for bit."""
-    from codetr.models.transformer import FFN
+def test_chunked_ffn_matches_the_plain_linears(monkeypatch):
+    """The FFN's chunked, recomputing path against nn.Linear -> ReLU -> nn.Linear on the
+    same weights: output and every gradient (float64, several chunks and a short last one),
+    gradcheck, and gradients only where asked (frozen weights)."""
+    from codetr.models.transformer import FFN, _ChunkedFFN
 
+    monkeypatch.setattr(FFN, "CHUNK", 16)
     torch.manual_seed(0)
-    plain = FFN(16, 64, 0.0)
-    recomputed = FFN(16, 64, 0.0, recompute=True)
-    recomputed.load_state_dict(plain.state_dict())
-    x = torch.randn(2, 37, 16)
+    ffn = FFN(8, 24, 0.0).double()
+    x = torch.randn(2, 37, 8, dtype=torch.float64)
+    w = torch.linspace(-1, 1, 8, dtype=torch.float64)
+
+    def plain(t):
+        h = ffn.linear2(F.relu(ffn.linear1(t)))
+        return ffn.norm(t + h)
+
     grads = []
-    for ffn in (plain, recomputed):
+    for f in (ffn, plain):
         xi = x.clone().requires_grad_()
-        (ffn(xi) * torch.linspace(-1, 1, 16)).sum().backward()
-        grads.append([xi.grad] + [p.grad for p in ffn.parameters()])
-    for a, b in zip(*grads):
-        assert torch.equal(a, b)
+        ffn.zero_grad()
+        out = f(xi)
+        (out * w).sum().backward()
+        grads.append([out, xi.grad] + [p.grad.clone() for p in ffn.parameters()])
+    for ours, ref in zip(*grads):
+        torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+
+    params = (ffn.linear1.weight, ffn.linear1.bias, ffn.linear2.weight, ffn.linear2.bias)
+    assert torch.autograd.gradcheck(lambda t, *p: _ChunkedFFN.apply(t, *p, 16),
+                                    (x[0].clone().requires_grad_(), *params))
+    ffn.requires_grad_(False)
+    xi = x.clone().requires_grad_()
+    ffn.zero_grad()
+    ffn(xi).sum().backward()
+    assert xi.grad is not None and all(p.grad is None for p in ffn.parameters())
