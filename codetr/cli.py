@@ -121,7 +121,7 @@ def _eval(args: argparse.Namespace) -> int:
         raise UserError(f"--json: classes {dataset.class_names} differ from the checkpoint's {ckpt['class_names']}")
     evaluator = CocoEvaluator(dataset.coco, dataset.label_to_cat_id)
     evaluate(model, dataset, torch.device(args.device), batch_size=args.batch_size,
-             size_divisibility=model.config.data.size_divisibility, evaluator=evaluator)
+             size_divisibility=model.config.data.size_divisibility, evaluator=evaluator, progress=True)
     print(evaluator.format_table())
     if args.results:
         evaluator.write_results(args.results)
@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("demo", help="synthetic data: train K=0 and K=2 briefly, evaluate, draw predictions")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--iters", type=int, default=150)
+    p.add_argument("--iters", type=int, help="training iterations per model (default: the demo's measured budget)")
     p.set_defaults(func=lambda a: __import__("codetr.demo", fromlist=["main"]).main(a.out, a.iters))
 
     args = parser.parse_args(argv)

@@ -18,6 +18,7 @@ from typing import Optional
 
 import numpy as np
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 CLASSES = ("rectangle", "ellipse", "triangle", "cross", "ring")
 GENERATOR_VERSION = 1
@@ -107,11 +108,12 @@ def _render_image(rng: np.random.Generator, h: int, w: int, max_objects: int,
 def generate_synthetic_coco(out_dir: str | Path, num_images: int,
                             image_size: tuple[int, int] = (256, 256), seed: int = 0,
                             max_objects: int = 8, min_size: int = 8,
-                            max_size: Optional[int] = None, split: str = "train") -> Path:
+                            max_size: Optional[int] = None, split: str = "train", progress: bool = False) -> Path:
     """Write ``num_images`` PNGs to ``out_dir/images`` and a COCO instances json
     ``out_dir/annotations.json`` (returned). Boxes are the tight pixel extent of each shape
     (xywh, amodal: occluded parts included); ``area`` is the shape's pixel count; category
     ids are 1..len(CLASSES). ``max_size`` defaults to half the shorter image side.
+    ``progress`` shows a progress bar.
     """
     out_dir = Path(out_dir)
     h, w = int(image_size[0]), int(image_size[1])
@@ -123,7 +125,7 @@ def generate_synthetic_coco(out_dir: str | Path, num_images: int,
     split_code = zlib.crc32(split.encode())  # stable across runs, unlike hash()
 
     images, annotations = [], []
-    for idx in range(num_images):
+    for idx in tqdm(range(num_images), desc=f"generate {split}", disable=not progress, dynamic_ncols=True):
         rng = np.random.default_rng([seed, split_code, idx])
         pixels, objects = _render_image(rng, h, w, max_objects, min_size, max_size)
         img_id, name = idx + 1, f"{idx + 1:06d}.png"
@@ -158,7 +160,7 @@ def _info(num_images, image_size, seed, max_objects, min_size, max_size, split) 
 def ensure_synthetic_dataset(root: str | Path, num_train: int = 200, num_val: int = 50,
                              image_size: tuple[int, int] = (256, 256), seed: int = 0,
                              max_objects: int = 8, min_size: int = 8,
-                             max_size: Optional[int] = None) -> dict[str, dict[str, Path]]:
+                             max_size: Optional[int] = None, progress: bool = False) -> dict[str, dict[str, Path]]:
     """Generate ``root/{train,val}`` once; reuse them when an existing json was made with the
     same parameters and all its images exist.
 
@@ -173,7 +175,7 @@ def ensure_synthetic_dataset(root: str | Path, num_train: int = 200, num_val: in
         d = root / split
         want = _info(n, (h, w), seed, max_objects, min_size, ms, split)
         if not _is_complete(d, want):
-            generate_synthetic_coco(d, n, (h, w), seed, max_objects, min_size, ms, split)
+            generate_synthetic_coco(d, n, (h, w), seed, max_objects, min_size, ms, split, progress)
         out[split] = {"images_dir": d / "images", "ann_file": d / ANN_NAME}
     return out
 

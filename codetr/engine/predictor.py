@@ -86,13 +86,15 @@ class Predictor:
 
 
 def draw_detections(image: Image.Image, detections: dict) -> Image.Image:
-    """A copy of ``image`` with each box drawn and labelled "name score"."""
+    """A copy of ``image`` with each box drawn and labelled "name score" ("name" when
+    ``detections`` has no scores: ground truth)."""
     image = image.convert("RGB").copy()
     draw = ImageDraw.Draw(image)
     palette = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]
-    for box, score, label, name in zip(detections["boxes"].tolist(), detections["scores"].tolist(),
+    scores = detections["scores"].tolist() if "scores" in detections else [None] * len(detections["labels"])
+    for box, score, label, name in zip(detections["boxes"].tolist(), scores,
                                        detections["labels"].tolist(), detections["class_names"]):
         color = palette[label % len(palette)]
         draw.rectangle(box, outline=color, width=2)
-        draw.text((box[0] + 2, box[1] + 1), f"{name} {score:.2f}", fill=color)
+        draw.text((box[0] + 2, box[1] + 1), name if score is None else f"{name} {score:.2f}", fill=color)
     return image

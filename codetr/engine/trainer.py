@@ -397,7 +397,8 @@ class Trainer:
             model = self.ema.module if self.ema else self.model
             summary = evaluate(model, self.val_set, self.device, batch_size=self.batch_size,
                                num_workers=self.cfg.num_workers,
-                               size_divisibility=self.model_cfg.data.size_divisibility, amp=self.cfg.amp)
+                               size_divisibility=self.model_cfg.data.size_divisibility, amp=self.cfg.amp,
+                               progress=True)
             self.metrics = summary
             self._log({"iter": self.iteration, "epoch": epoch, "eval": summary})
         if self.world_size > 1:
