@@ -194,9 +194,9 @@ class MBConv(nn.Module):
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         out = x
         if self.has_expand:
-            out = zero_padding(F.relu6(self._bn0(self._expand_conv(out))), mask)
-        out = zero_padding(F.relu6(self._bn1(self._depthwise_conv(out))), mask)
-        out = self._bn2(self._project_conv(out))
+            out = zero_padding(F.relu6(conv_frozen_bn(self._expand_conv, self._bn0, out)), mask)
+        out = zero_padding(F.relu6(conv_frozen_bn(self._depthwise_conv, self._bn1, out)), mask)
+        out = conv_frozen_bn(self._project_conv, self._bn2, out)
         if self.residual:
             out = out + x
         return zero_padding(out, mask)
@@ -276,14 +276,17 @@ class EfficientNetLite0(nn.Module):
 
     def forward(self, images: torch.Tensor, mask: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
         mask = drop_empty_mask(mask)
-        x = zero_padding(F.relu6(self._bn0(self._conv_stem(images))), mask)
+        # Channels-last, as ResNet50.forward: the depthwise convs gain most (4 x 224 x 224,
+        # forward + backward: 0.24 -> 0.12 s).
+        images = images.contiguous(memory_format=torch.channels_last)
+        x = zero_padding(F.relu6(conv_frozen_bn(self._conv_stem, self._bn0, images)), mask)
         outs = []
         for i, block in enumerate(self._blocks):
             x = block(x, mask)
             if i in self.out_blocks:
                 outs.append(x)
         if self.include_head_conv:
-            outs[-1] = zero_padding(F.relu6(self._bn1(self._conv_head(outs[-1]))), mask)
+            outs[-1] = zero_padding(F.relu6(conv_frozen_bn(self._conv_head, self._bn1, outs[-1])), mask)
         return outs
 
 
