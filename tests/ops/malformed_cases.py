@@ -70,16 +70,8 @@ def _msda(levels=((4, 5), (2, 2)), N=1, Q=3, M=2, D=4, P=2, dtype=torch.float32,
     return _ops().ms_deform_attn, tuple(args.values()), {}
 
 
-def _msda_locations(values):
-    """Locations of _msda() whose first few samples are replaced by `values` (x and y)."""
-    def change(loc):
-        flat = loc.clone().view(-1)
-        flat[: len(values)] = torch.tensor(values, dtype=loc.dtype)
-        return flat.view(loc.shape)
-    return change
-
-
 def _set_first(values):
+    """A change for _msda(): the tensor with its first elements replaced by `values`."""
     def change(t):
         flat = t.clone().view(-1)
         flat[: len(values)] = torch.tensor(values, dtype=t.dtype)
@@ -117,13 +109,13 @@ _MSDA = [
     Case("value_not_a_tensor", lambda: _msda(value=lambda v: v.tolist()), "value must be a tensor"),
     Case("locations_not_a_tensor", lambda: _msda(sampling_locations=1.0), "sampling_locations must be a tensor"),
     # Edge inputs: the kernels' documented values.
-    Case("infinite_and_nan_locations", lambda: _msda(sampling_locations=_msda_locations([INF, 0.5, 0.5, -INF, NAN, 0.3, INF, INF])), grad=True),
-    Case("huge_locations", lambda: _msda(sampling_locations=_msda_locations([1e30, 0.5, -1e30, 0.5, 0.5, 3e38])), grad=True),
-    Case("nan_weight_off_the_map", lambda: _msda(sampling_locations=_msda_locations([2.0, 2.0, INF, 0.1]), attention_weights=_set_first([NAN, NAN])), grad=True),
-    Case("exact_borders", lambda: _msda(sampling_locations=_msda_locations([0.0, 0.0, 1.0, 1.0, -0.1, 0.5, 0.5, -0.25, 1.1, 0.0])), grad=True),
+    Case("infinite_and_nan_locations", lambda: _msda(sampling_locations=_set_first([INF, 0.5, 0.5, -INF, NAN, 0.3, INF, INF])), grad=True),
+    Case("huge_locations", lambda: _msda(sampling_locations=_set_first([1e30, 0.5, -1e30, 0.5, 0.5, 3e38])), grad=True),
+    Case("nan_weight_off_the_map", lambda: _msda(sampling_locations=_set_first([2.0, 2.0, INF, 0.1]), attention_weights=_set_first([NAN, NAN])), grad=True),
+    Case("exact_borders", lambda: _msda(sampling_locations=_set_first([0.0, 0.0, 1.0, 1.0, -0.1, 0.5, 0.5, -0.25, 1.1, 0.0])), grad=True),
     # Q * L * P >= S: the CPU kernel's padded (encoder) layout, where off-map samples read a
     # frame of zeros.
-    Case("nan_weight_off_the_map_encoder", lambda: _msda(Q=12, sampling_locations=_msda_locations([2.0, 2.0, INF, 0.1, -0.6, 0.5]), attention_weights=_set_first([NAN, NAN, NAN])), grad=True),
+    Case("nan_weight_off_the_map_encoder", lambda: _msda(Q=12, sampling_locations=_set_first([2.0, 2.0, INF, 0.1, -0.6, 0.5]), attention_weights=_set_first([NAN, NAN, NAN])), grad=True),
     Case("zero_size_level", lambda: _msda(levels=((4, 5), (0, 3), (2, 2))), grad=True),
     Case("zero_size_level_encoder", lambda: _msda(levels=((4, 5), (0, 3), (2, 2)), Q=12, attention_weights=_set_first([NAN, 0.5, NAN, 0.3, 1.0, NAN])), grad=True),
     Case("all_levels_empty", lambda: _msda(levels=((0, 5), (2, 0))), grad=True),
