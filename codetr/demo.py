@@ -27,7 +27,7 @@ DEMO_OVERRIDES = {
     "num_queries": 100, "co.max_group_size": 100,
     "co.head_options": {"rcnn": {"fc_channels": 256, "roi_num": 128, "max_proposals": 300}},
 }
-TRAIN = {"iters": 240, "batch_size": 4, "lr": 4e-4, "warmup_iters": 20}
+TRAIN = {"iters": 420, "batch_size": 2, "lr": 4e-4, "warmup_iters": 20}
 EVALS = 5  # validation points on each curve
 VARIANTS = {"K=0 (Deformable-DETR++)": (), "K=2 (Co-DETR: atss+rcnn)": ("atss", "rcnn")}
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
