@@ -35,13 +35,14 @@ METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 def main(out: str = "runs/demo", iters: Optional[int] = None) -> int:
     from codetr.engine import TrainConfig, Trainer
+    from codetr.engine.data import EpochBatchSampler
 
     out, iters = Path(out), iters or TRAIN["iters"]
     print(f"== data: synthetic shapes, {NUM_TRAIN} train / {NUM_VAL} val images of {IMAGE_SIZE} px -> {out / 'data'}",
           flush=True)
     data = ensure_synthetic_dataset(out / "data", num_train=NUM_TRAIN, num_val=NUM_VAL,
                                     image_size=(IMAGE_SIZE, IMAGE_SIZE), progress=True)
-    steps_per_epoch = -(-NUM_TRAIN // TRAIN["batch_size"])
+    steps_per_epoch = EpochBatchSampler.steps_per_epoch(NUM_TRAIN, TRAIN["batch_size"])
     eval_every = max(1, round(iters / steps_per_epoch / EVALS))  # epochs
     rows, runs = [], {}
     for name, heads in VARIANTS.items():

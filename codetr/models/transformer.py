@@ -51,9 +51,9 @@ class _ChunkedFFN(torch.autograd.Function):
         out = x.new_empty(x.shape[0], w2.shape[0])
         h = None
         for i in range(0, x.shape[0], chunk):
-            rows = slice(i, i + chunk)
-            h = torch.addmm(b1, x[rows], w1.t(), out=_buffer(h, x, x[rows].shape[0], w1.shape[0]))
-            torch.addmm(b2, h.relu_(), w2.t(), out=out[rows])
+            xc = x[i : i + chunk]
+            h = torch.addmm(b1, xc, w1.t(), out=_buffer(h, xc, w1.shape[0]))
+            torch.addmm(b2, h.relu_(), w2.t(), out=out[i : i + chunk])
         ctx.save_for_backward(x, w1, b1, w2)
         ctx.chunk = chunk
         return out
@@ -71,17 +71,17 @@ class _ChunkedFFN(torch.autograd.Function):
         h = gh = None
         for i in range(0, x.shape[0], ctx.chunk):
             rows = slice(i, i + ctx.chunk)
-            n, gy = x[rows].shape[0], grad_out[rows]
-            h = torch.addmm(b1, x[rows], w1.t(), out=_buffer(h, x, n, w1.shape[0])).relu_()
+            xc, gy = x[rows], grad_out[rows]
+            h = torch.addmm(b1, xc, w1.t(), out=_buffer(h, xc, w1.shape[0])).relu_()
             if need_w2:
                 grad_w2.addmm_(gy.t(), h)
             if not (need_x or need_w1 or need_b1):
                 continue
-            gh = torch.mm(gy, w2, out=_buffer(gh, x, n, w2.shape[1]))
+            gh = torch.mm(gy, w2, out=_buffer(gh, xc, w2.shape[1]))
             # ReLU's backward in place, one pass (masked_fill_(h == 0, 0) is 18x slower)
             torch.ops.aten.threshold_backward.grad_input(gh, h, 0, grad_input=gh)
             if need_w1:
-                grad_w1.addmm_(gh.t(), x[rows])
+                grad_w1.addmm_(gh.t(), xc)
             if need_b1:
                 grad_b1 += gh.sum(0)
             if need_x:
@@ -89,11 +89,13 @@ class _ChunkedFFN(torch.autograd.Function):
         return grad_x, grad_w1, grad_b1, grad_w2, grad_out.sum(0) if need_b2 else None, None
 
 
-def _buffer(buf: Optional[torch.Tensor], like: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """The chunk buffer, reused; the last (shorter) chunk takes its leading rows."""
+def _buffer(buf: Optional[torch.Tensor], chunk: torch.Tensor, cols: int) -> torch.Tensor:
+    """A [len(chunk), cols] buffer: `buf` reused (the last, shorter chunk takes its leading
+    rows), or a new one on the first chunk."""
+    rows = chunk.shape[0]
     if buf is not None and buf.shape[0] >= rows:
         return buf[:rows]
-    return like.new_empty(rows, cols)
+    return chunk.new_empty(rows, cols)
 
 
 class FFN(nn.Module):
