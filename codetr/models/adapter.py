@@ -2,6 +2,8 @@
 auxiliary heads."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -11,12 +13,11 @@ def _conv_gn(d: int, stride: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(d, d, 3, stride=stride, padding=1), nn.GroupNorm(32, d))
 
 
-def memory_to_maps(memory: torch.Tensor, spatial_shapes: torch.Tensor) -> list[torch.Tensor]:
+def memory_to_maps(memory: torch.Tensor, shapes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
     """Split the flattened encoder memory [B, S, C] back into per-level maps [B, C, H_l, W_l]
-    (the inverse of DeformableDETRPP.encode's flatten, same level order)."""
-    sizes = spatial_shapes.prod(1).tolist()
+    (the inverse of DeformableDETRPP.encode's flatten, same level order); shapes: (H_l, W_l)."""
     return [m.transpose(1, 2).reshape(memory.shape[0], memory.shape[2], h, w)
-            for m, (h, w) in zip(memory.split(sizes, dim=1), spatial_shapes.tolist())]
+            for m, (h, w) in zip(memory.split([h * w for h, w in shapes], dim=1), shapes)]
 
 
 class MultiScaleAdapter(nn.Module):
@@ -32,9 +33,9 @@ class MultiScaleAdapter(nn.Module):
         self.num_levels = num_levels
         self.extra = nn.ModuleList(_conv_gn(d_model, 2) for _ in range(num_outs - num_levels))
 
-    def forward(self, memory: torch.Tensor, spatial_shapes: torch.Tensor) -> list[torch.Tensor]:
-        """memory [B, S, C], spatial_shapes [L, 2] -> J maps [B, C, H_j, W_j], finest first."""
-        maps = memory_to_maps(memory, spatial_shapes)
+    def forward(self, memory: torch.Tensor, shapes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
+        """memory [B, S, C], shapes: L pairs (H_l, W_l) -> J maps [B, C, H_j, W_j], finest first."""
+        maps = memory_to_maps(memory, shapes)
         for conv in self.extra:
             maps.append(conv(maps[-1]))
         return maps
@@ -51,9 +52,9 @@ class SingleScaleAdapter(nn.Module):
         self.up = nn.ModuleList(_conv_gn(d_model, 1) for _ in range(in_index))
         self.down = nn.ModuleList(_conv_gn(d_model, 2) for _ in range(num_outs - in_index - 1))
 
-    def forward(self, memory: torch.Tensor, spatial_shapes: torch.Tensor) -> list[torch.Tensor]:
-        """memory [B, S, C] of one level, spatial_shapes [1, 2] -> J maps, finest first."""
-        (x,) = memory_to_maps(memory, spatial_shapes)
+    def forward(self, memory: torch.Tensor, shapes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
+        """memory [B, S, C] of one level, shapes [(H, W)] -> J maps, finest first."""
+        (x,) = memory_to_maps(memory, shapes)
         finer, y = [], x
         for conv in self.up:
             y = conv(F.interpolate(y, scale_factor=2.0, mode="bilinear", align_corners=False))

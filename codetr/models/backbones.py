@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 
 class FrozenBatchNorm2d(nn.Module):
@@ -54,7 +55,8 @@ def mask_to(mask: Optional[torch.Tensor], x: torch.Tensor) -> Optional[torch.Ten
     """Padding mask [B, H0, W0] (True = padding) resized (nearest) to x's [H, W]."""
     if mask is None:
         return None
-    if mask.shape[-2:] == x.shape[-2:]:
+    # statically_known_true: a traced (symbolic) size is resized rather than guarded on.
+    if statically_known_true(mask.shape[-2] == x.shape[-2]) and statically_known_true(mask.shape[-1] == x.shape[-1]):
         return mask
     return F.interpolate(mask[:, None].float(), size=x.shape[-2:], mode="nearest")[:, 0].bool()
 

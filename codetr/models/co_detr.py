@@ -90,7 +90,7 @@ class CoDETR(nn.Module):
         losses = {f"one_to_one.{k}": v for k, v in det.loss(det.detect(memory), norm_targets).items()}
         if not self.aux_heads:
             return losses
-        feats = self.adapter(memory.memory, memory.spatial_shapes)
+        feats = self.adapter(memory.memory, memory.shapes)
         sizes = target_sizes(targets, masks)
         head_weight = det.num_decoder_layers * self.lambda2
         for name, head in self.aux_heads.items():
@@ -157,7 +157,7 @@ class CoDETR(nn.Module):
             raise ValueError(f"eval_head: {name!r} is not one of this model's heads {list(self.aux_heads)}")
         memory = self.detector.encode(images, masks)
         sizes = image_sizes(masks) if targets is None else target_sizes(targets, masks)
-        dets = self.aux_heads[name].predict(self.adapter(memory.memory, memory.spatial_shapes), sizes)
+        dets = self.aux_heads[name].predict(self.adapter(memory.memory, memory.shapes), sizes)
         orig = output_sizes(masks, targets, orig_sizes).float()
         out = []
         for d, s, o in zip(dets, sizes.float(), orig):

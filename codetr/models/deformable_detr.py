@@ -26,7 +26,7 @@ from codetr.losses.criterion import SetCriterion
 
 from .backbones import mask_to
 from .detector import Memory, normalise_targets, output_sizes
-from .ms_deform_attn import MSDeformAttn
+from .ms_deform_attn import MSDeformAttn, level_index
 from .position_encoding import PositionEmbeddingSine, coord_sine_embed
 from .transformer import MLP, DeformableDecoder, DeformableEncoder, inverse_sigmoid
 
@@ -174,13 +174,11 @@ class DeformableDETRPP(nn.Module):
                         .flatten(2).transpose(1, 2))
             srcs.append(f.flatten(2).transpose(1, 2))
             pads.append(m.flatten(1))
-            shapes.append(f.shape[-2:])
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.int64, device=images.device)
-        level_start_index = torch.cat((spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]))
+            shapes.append((f.shape[-2], f.shape[-1]))
         valid_ratios = torch.stack([self._valid_ratio(mask_to(masks, f)) for f in feats], 1)
         src, pos, pad = torch.cat(srcs, 1), torch.cat(poss, 1), torch.cat(pads, 1)
-        memory = self.encoder(src, pos, spatial_shapes, level_start_index, valid_ratios, pad)
-        return Memory(memory, pad, spatial_shapes, level_start_index, valid_ratios)
+        memory = self.encoder(src, pos, shapes, valid_ratios, pad)
+        return Memory(memory, pad, tuple(shapes), *level_index(shapes, images.device), valid_ratios)
 
     @staticmethod
     def _valid_ratio(mask: torch.Tensor) -> torch.Tensor:
@@ -198,7 +196,7 @@ class DeformableDETRPP(nn.Module):
         are +inf and their memory is zeroed before the two-stage head."""
         vr = memory.valid_ratios
         out = []
-        for lvl, (H, W) in enumerate(memory.spatial_shapes.tolist()):
+        for lvl, (H, W) in enumerate(memory.shapes):
             ys, xs = torch.meshgrid(torch.arange(H, device=vr.device, dtype=torch.float32) + 0.5,
                                     torch.arange(W, device=vr.device, dtype=torch.float32) + 0.5, indexing="ij")
             cx = xs.reshape(1, -1) / (vr[:, lvl, 0:1] * W)

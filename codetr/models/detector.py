@@ -40,14 +40,16 @@ from codetr.box_ops import box_xyxy_to_cxcywh
 class Memory:
     """The encoder output of a batch.
 
-    memory [B, S, C]; padding_mask [B, S] (True on padding); spatial_shapes [L, 2] int64
-    (H_l, W_l); level_start_index [L]; valid_ratios [B, L, 2] (w, h fraction of each level
+    memory [B, S, C]; padding_mask [B, S] (True on padding); shapes: L pairs of ints
+    (H_l, W_l); spatial_shapes [L, 2] int64 and level_start_index [L], the same as tensors
+    (``level_index``); valid_ratios [B, L, 2] (w, h fraction of each level
     that is not padding); values: optional per-decoder-layer cross-attention values
     [B, S, M, C / M], projected once when several query groups attend to this memory.
     """
 
     memory: torch.Tensor
     padding_mask: torch.Tensor
+    shapes: tuple[tuple[int, int], ...]
     spatial_shapes: torch.Tensor
     level_start_index: torch.Tensor
     valid_ratios: torch.Tensor

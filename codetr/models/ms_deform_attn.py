@@ -2,12 +2,34 @@
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from codetr.ops import ms_deform_attn
+
+
+def level_index(shapes: Sequence[tuple[int, int]], device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H_l, W_l) of L levels -> (spatial_shapes [L, 2] int64, level_start_index [L] int64),
+    the op's description of the flattened maps.
+
+    Models keep the shapes as Python ints (SymInts when traced) and build these tensors from
+    them, never the other way: reading a tensor back (``tolist``) is a host sync on CUDA and
+    a data-dependent size for torch.export."""
+    starts, total = [], 0
+    for h, w in shapes:
+        starts.append(total)
+        total = total + h * w
+    sizes = [v for hw in shapes for v in hw]
+    if any(isinstance(v, torch.SymInt) for v in sizes):
+        # Traced with symbolic sizes: torch.as_tensor would specialise them to constants.
+        def tensor(values):
+            return torch.stack([torch.scalar_tensor(v, dtype=torch.int64, device=device) for v in values])
+        return tensor(sizes).view(-1, 2), tensor(starts)
+    return (torch.as_tensor(sizes, dtype=torch.int64, device=device).view(-1, 2),
+            torch.as_tensor(starts, dtype=torch.int64, device=device))
 
 
 class MSDeformAttn(nn.Module):

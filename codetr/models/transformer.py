@@ -3,7 +3,7 @@ iterative refinement and look-forward-twice (DINO)."""
 from __future__ import annotations
 
 import copy
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +11,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .detector import Memory
-from .ms_deform_attn import MSDeformAttn
+from .ms_deform_attn import MSDeformAttn, level_index
 from .position_encoding import coord_sine_embed
 
 
@@ -143,7 +143,7 @@ class EncoderLayer(nn.Module):
 class DeformableEncoder(nn.Module):
     """Args: d_model, num_layers, dim_ff (FFN hidden size), n_levels, n_heads, n_points, dropout.
 
-    ``forward(src [B, S, C], pos [B, S, C], spatial_shapes [L, 2], level_start_index [L],
+    ``forward(src [B, S, C], pos [B, S, C], shapes (L pairs of ints (H_l, W_l)),
     valid_ratios [B, L, 2] (w, h fraction of each level that is not padding),
     padding_mask [B, S])`` -> memory ``[B, S, C]``.
     """
@@ -155,11 +155,11 @@ class DeformableEncoder(nn.Module):
         self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
 
     @staticmethod
-    def reference_points(spatial_shapes: torch.Tensor, valid_ratios: torch.Tensor) -> torch.Tensor:
+    def reference_points(shapes: Sequence[tuple[int, int]], valid_ratios: torch.Tensor) -> torch.Tensor:
         """[B, S, L, 2]: each token's pixel centre, normalised by its level's *valid* extent,
         then mapped into every level's padded frame (x valid_ratio of that level)."""
         refs = []
-        for lvl, (H, W) in enumerate(spatial_shapes.tolist()):
+        for lvl, (H, W) in enumerate(shapes):
             ys, xs = torch.meshgrid(
                 torch.arange(H, dtype=torch.float32, device=valid_ratios.device) + 0.5,
                 torch.arange(W, dtype=torch.float32, device=valid_ratios.device) + 0.5, indexing="ij")
@@ -169,8 +169,9 @@ class DeformableEncoder(nn.Module):
         refs = torch.cat(refs, 1)
         return refs[:, :, None] * valid_ratios[:, None]
 
-    def forward(self, src, pos, spatial_shapes, level_start_index, valid_ratios, padding_mask):
-        ref = self.reference_points(spatial_shapes, valid_ratios).to(src.dtype)
+    def forward(self, src, pos, shapes, valid_ratios, padding_mask):
+        ref = self.reference_points(shapes, valid_ratios).to(src.dtype)
+        spatial_shapes, level_start_index = level_index(shapes, src.device)
         for layer in self.layers:
             src = layer(src, pos, ref, spatial_shapes, level_start_index, padding_mask)
         return src

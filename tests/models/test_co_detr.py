@@ -77,7 +77,7 @@ def test_losses_keys_weights_and_gradients(heads):
     # weighted by num_decoder_layers * lambda2 = 2 * 2 (R-CNN samples at random: not here).
     with torch.no_grad():
         enc = model.detector.encode(images, masks)
-        feats = model.adapter(enc.memory, enc.spatial_shapes)
+        feats = model.adapter(enc.memory, enc.shapes)
         sizes = torch.stack([t["size"] for t in targets])
         for h in set(heads) - {"rcnn"}:
             own, _ = model.aux_heads[h](feats, targets, sizes)
