@@ -101,27 +101,47 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def _tta_options(args: argparse.Namespace):
+    """--tta / --tta-scales / --tta-merge -> TestTimeAugmentation options, or None."""
+    if not args.tta:
+        return None
+    try:
+        scales = tuple(float(v) for v in args.tta_scales.split(","))
+    except ValueError:
+        raise UserError(f"--tta-scales: expected comma-separated factors such as 0.8,1,1.2, got {args.tta_scales!r}")
+    return {"scales": scales, "flip": True, "merge": args.tta_merge}
+
+
+def _load_predictor(args: argparse.Namespace, **kw):
+    from codetr.engine.predictor import Predictor
+
+    _need_files(checkpoint=args.checkpoint)
+    try:
+        return Predictor.from_checkpoint(args.checkpoint, args.device, tta=_tta_options(args), **kw)
+    except (ValueError, RuntimeError) as e:
+        raise UserError(f"--checkpoint: {e}") from e
+
+
 def _eval(args: argparse.Namespace) -> int:
     import torch
 
     from codetr.engine import evaluate
     from codetr.engine.data import build_dataset
-    from codetr.engine.predictor import load_trained
     from codetr.evaluation import CocoEvaluator
 
-    _need_files(checkpoint=args.checkpoint, json=args.json)
+    _need_files(json=args.json)
     _need_dirs(images=args.images)
-    try:
-        model, ckpt = load_trained(args.checkpoint)
-    except ValueError as e:
-        raise UserError(f"--checkpoint: {e}") from e
-    model.to(args.device)
-    dataset = build_dataset(model.config.data, args.json, args.images, train=False)
-    if dataset.class_names != ckpt["class_names"]:
-        raise UserError(f"--json: classes {dataset.class_names} differ from the checkpoint's {ckpt['class_names']}")
+    predictor = _load_predictor(args)
+    dataset = build_dataset(predictor.config.data, args.json, args.images, train=False)
+    if dataset.class_names != predictor.class_names:
+        raise UserError(f"--json: classes {dataset.class_names} differ from the checkpoint's "
+                        f"{predictor.class_names}")
     evaluator = CocoEvaluator(dataset.coco, dataset.label_to_cat_id)
-    evaluate(model, dataset, torch.device(args.device), batch_size=args.batch_size,
-             size_divisibility=model.config.data.size_divisibility, evaluator=evaluator, progress=True)
+    evaluate(predictor.model, dataset, torch.device(args.device), batch_size=args.batch_size,
+             size_divisibility=predictor.size_divisibility, evaluator=evaluator, progress=True)
     print(evaluator.format_table())
     if args.results:
         evaluator.write_results(args.results)
@@ -129,29 +149,67 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from codetr.engine.predictor import Predictor, draw_detections
+    from codetr.engine.predictor import draw_detections
 
-    _need_files(checkpoint=args.checkpoint)
-    for image in args.images:
-        _need_files(image=image)
-    try:
-        predictor = Predictor.from_checkpoint(args.checkpoint, args.device, args.min_score)
-    except ValueError as e:
-        raise UserError(f"--checkpoint: {e}") from e
+    paths = []
+    for item in map(Path, args.images):
+        if item.is_dir():
+            found = sorted(f for f in item.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise UserError(f"{item}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+            paths += found
+        else:
+            _need_files(image=item)
+            paths.append(item)
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size: expected >= 1, got {args.batch_size}")
+    predictor = _load_predictor(args, min_score=args.min_score, batch_size=args.batch_size)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for image in args.images:
+    try:
+        for path, det in zip(paths, predictor.predict_iter(paths, progress=len(paths) > 1)):
+            records = [{"box_xyxy": b, "score": s, "label": lab, "class_name": n} for b, s, lab, n in
+                       zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist(),
+                           det["class_names"])]
+            (out / f"{path.stem}.json").write_text(json.dumps({"image": str(path), "detections": records},
+                                                              indent=1))
+            draw_detections(predictor.load_image(path), det).save(out / f"{path.stem}.png")
+            if len(paths) == 1:
+                print(f"{path}: {len(records)} detections -> {out / (path.stem + '.png')}")
+    except ValueError as e:  # undecodable image
+        raise UserError(str(e)) from e
+    if len(paths) > 1:
+        print(f"{len(paths)} images -> {out} (one .json and one .png each)")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from codetr.engine.predictor import load_trained
+    from codetr.export import MIN_SIDE, export_file
+
+    _need_files(checkpoint=args.checkpoint)
+    try:
+        model, ckpt = load_trained(args.checkpoint)
+    except (ValueError, RuntimeError) as e:
+        raise UserError(f"--checkpoint: {e}") from e
+    if args.image_size:
         try:
-            pil = predictor.load_image(image)
-        except ValueError as e:
-            raise UserError(str(e)) from e
-        det = predictor.predict(pil)
-        stem = Path(image).stem
-        records = [{"box_xyxy": b, "score": s, "label": lab, "class_name": n} for b, s, lab, n in
-                   zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist(), det["class_names"])]
-        (out / f"{stem}.json").write_text(json.dumps({"image": str(image), "detections": records}, indent=1))
-        draw_detections(pil, det).save(out / f"{stem}.png")
-        print(f"{image}: {len(records)} detections -> {out / (stem + '.png')}")
+            h, w = (int(v) for v in args.image_size.lower().split("x"))
+        except ValueError:
+            raise UserError(f"--image-size: expected HxW such as 512x640, got {args.image_size!r}")
+    else:  # the largest eval input: the long side capped at max_size, either orientation
+        d = max(model.config.data.size_divisibility, 1)
+        h = w = -(-model.config.data.max_size // d) * d
+    if min(h, w) < MIN_SIDE:
+        raise UserError(f"--image-size: both sides must be >= {MIN_SIDE}, got {h}x{w}")
+    suffix = {"onnx": ".onnx", "torch-export": ".pt2"}[args.format]
+    if Path(args.out).suffix != suffix:
+        raise UserError(f"--out: a {args.format} file must end in {suffix} (how codetr predict/eval tell them apart), "
+                        f"got {args.out}")
+    path = export_file(model, args.out, args.format, list(ckpt["class_names"]), (h, w), args.dynamic)
+    size = "any size (dynamic)" if args.dynamic else f"padded size {h}x{w}"
+    print(f"{args.format}: {path} ({path.stat().st_size / 2**20:.1f} MiB; inputs images [B, 3, H, W] float32, "
+          f"image_sizes [B, 2], orig_sizes [B, 2] int64; {size})")
     return 0
 
 
@@ -290,22 +348,42 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.set_defaults(func=_train)
 
+    def tta_arguments(p):
+        p.add_argument("--tta", action="store_true", help="test-time augmentation: horizontal flip x --tta-scales, "
+                                                          "detections merged by --tta-merge")
+        p.add_argument("--tta-scales", default="1", help="comma-separated view sizes relative to the eval size")
+        p.add_argument("--tta-merge", choices=["wbf", "vote"], default="wbf",
+                       help="weighted box fusion, or NMS + box voting")
+
+    checkpoint_help = "a training checkpoint (.pt) or an exported model (.onnx, .pt2)"
     p = sub.add_parser("eval", help="COCO evaluation of a checkpoint")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help=checkpoint_help)
     p.add_argument("--json", required=True)
     p.add_argument("--images", required=True)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--results", help="also write the detections as a COCO results json")
+    tta_arguments(p)
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("predict", help="detect objects in images: JSON + PNG with drawn boxes")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--checkpoint", required=True, help=checkpoint_help)
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders of images")
     p.add_argument("--out", required=True)
     p.add_argument("--min-score", type=float, default=0.3)
+    p.add_argument("--batch-size", type=int, default=1, help="images run at once (padded to the largest)")
     p.add_argument("--device", default="cpu")
+    tta_arguments(p)
     p.set_defaults(func=_predict)
+
+    p = sub.add_parser("export", help="export a checkpoint's inference model to ONNX or torch.export")
+    p.add_argument("--checkpoint", required=True, help="a training checkpoint (.pt)")
+    p.add_argument("--format", required=True, choices=["onnx", "torch-export"])
+    p.add_argument("--out", required=True, help="the file: .onnx, or .pt2 for torch-export")
+    p.add_argument("--image-size", metavar="HxW", help="padded input size of a fixed-size export "
+                                                       "(default: max_size x max_size of the preset)")
+    p.add_argument("--dynamic", action="store_true", help="batch, height and width dynamic (sides >= 128)")
+    p.set_defaults(func=_export)
 
     p = sub.add_parser("convert", help="convert a checkpoint between the official Co-DETR layout and ours")
     p.add_argument("src", metavar="SRC")

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Union
+from typing import Iterator, Sequence, Union
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 from codetr.config import build_model, config_from_dict
+from codetr.data import collate
 
 from .checkpoint import load_checkpoint, load_model_state
 from .data import make_transforms
@@ -38,21 +40,51 @@ class Predictor:
 
     ``predict(image)`` takes a path, a PIL image or an HxWx3 uint8 array (RGB) and returns
     {"boxes" [N, 4] xyxy pixels of the original image, "scores" [N], "labels" [N] int64,
-    "class_names": list of N names}, best first, scores >= min_score.
+    "class_names": list of N names}, best first, scores >= min_score. Given a list, it
+    returns one such dict per image, running ``batch_size`` images at a time (padded to the
+    largest, as in evaluation).
+
+    ``model`` is an eager inference model, an ``ExportedDetector`` (codetr.export) or a
+    ``TestTimeAugmentation`` over either: anything called as
+    ``model(images [B, 3, H, W], masks [B, H, W], orig_sizes=[B, 2]) -> B dicts``.
+
+    Padding: a model with ``batch_invariant=True`` gives the same detections alone or in a
+    batch; the official presets' backbones see the padding of larger batch partners, which
+    moves scores slightly (tests/engine/test_predictor.py measures it), as in the official
+    batched evaluation.
     """
 
-    def __init__(self, model: torch.nn.Module, class_names: list[str], transform, device="cpu",
-                 min_score: float = 0.0):
-        self.model = model.to(device).eval()
+    def __init__(self, model, class_names: list[str], transform, device="cpu", min_score: float = 0.0,
+                 batch_size: int = 1, size_divisibility: int = 1, config=None):
+        if batch_size < 1:
+            raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+        self.model = model.to(device).eval() if isinstance(model, torch.nn.Module) else model.eval()
         self.class_names, self.transform = class_names, transform
         self.device, self.min_score = torch.device(device), min_score
+        self.batch_size, self.size_divisibility = batch_size, size_divisibility
+        self.config = config  # the model's DetectorConfig, when known
 
     @classmethod
-    def from_checkpoint(cls, path: Union[str, Path], device="cpu", min_score: float = 0.0) -> "Predictor":
-        model, ckpt = load_trained(path)
-        return cls(model, list(ckpt["class_names"]), make_transforms(model.config.data, train=False), device,
-                   min_score)
+    def from_checkpoint(cls, path: Union[str, Path], device="cpu", min_score: float = 0.0, batch_size: int = 1,
+                        tta=None) -> "Predictor":
+        """A training checkpoint (.pt), or an exported model (.onnx, .pt2: ``codetr export``).
+        ``tta``: a dict of ``TestTimeAugmentation`` options (e.g. {"scales": (0.8, 1, 1.2)}),
+        or None for none."""
+        from .tta import TestTimeAugmentation
 
+        if Path(path).suffix in (".onnx", ".pt2"):
+            from codetr.export import ExportedDetector
+
+            model = ExportedDetector(path, device)
+            config, class_names = model.config, model.class_names
+        else:
+            model, ckpt = load_trained(path)
+            config, class_names = model.config, list(ckpt["class_names"])
+        divisibility = config.data.size_divisibility
+        if tta is not None:
+            model = TestTimeAugmentation(model, size_divisibility=divisibility, **tta)
+        return cls(model, class_names, make_transforms(config.data, train=False), device, min_score,
+                   batch_size, divisibility, config)
     @staticmethod
     def load_image(image: ImageLike) -> Image.Image:
         if isinstance(image, (str, Path)):
@@ -73,16 +105,27 @@ class Predictor:
         raise TypeError(f"image: expected a path, a PIL image or an array, got {type(image).__name__}")
 
     @torch.no_grad()
-    def predict(self, image: ImageLike) -> dict:
-        pil = self.load_image(image)
-        x, _ = self.transform(pil, None)
-        masks = torch.zeros(1, *x.shape[-2:], dtype=torch.bool, device=self.device)
-        out = self.model(x[None].to(self.device), masks,
-                         orig_sizes=torch.tensor([[pil.height, pil.width]], device=self.device))[0]
-        keep = out["scores"] >= self.min_score
-        out = {k: v[keep].cpu() for k, v in out.items()}
-        out["class_names"] = [self.class_names[i] for i in out["labels"].tolist()]
-        return out
+    def predict(self, images: Union[ImageLike, Sequence[ImageLike]], progress: bool = False):
+        """One image -> one dict; a list (or tuple) of images -> a list of dicts (see the class
+        docstring). ``progress`` shows a progress bar over the batches."""
+        if isinstance(images, (list, tuple)):
+            return list(self.predict_iter(images, progress))
+        return next(self.predict_iter([images]))
+
+    def predict_iter(self, images: Sequence[ImageLike], progress: bool = False) -> Iterator[dict]:
+        """The detections of each image in order, ``batch_size`` images at a time."""
+        bar = tqdm(total=len(images), desc="predict", unit="img", disable=not progress, dynamic_ncols=True)
+        with bar, torch.no_grad():
+            for start in range(0, len(images), self.batch_size):
+                pils = [self.load_image(im) for im in images[start : start + self.batch_size]]
+                x, masks, _ = collate([self.transform(pil, None) for pil in pils], self.size_divisibility)
+                orig = torch.tensor([[pil.height, pil.width] for pil in pils], device=self.device)
+                for out in self.model(x.to(self.device), masks.to(self.device), orig_sizes=orig):
+                    keep = out["scores"] >= self.min_score
+                    out = {k: v[keep].cpu() for k, v in out.items()}
+                    out["class_names"] = [self.class_names[i] for i in out["labels"].tolist()]
+                    yield out
+                bar.update(len(pils))
 
 
 def draw_detections(image: Image.Image, detections: dict) -> Image.Image:
