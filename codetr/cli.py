@@ -151,6 +151,8 @@ def _eval(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from codetr.engine.predictor import draw_detections
 
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size: expected >= 1, got {args.batch_size}")
     paths = []
     for item in map(Path, args.images):
         if item.is_dir():
@@ -161,8 +163,6 @@ def _predict(args: argparse.Namespace) -> int:
         else:
             _need_files(image=item)
             paths.append(item)
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size: expected >= 1, got {args.batch_size}")
     predictor = _load_predictor(args, min_score=args.min_score, batch_size=args.batch_size)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -178,6 +178,12 @@ def _onnx_ms_deform_attn(value, spatial_shapes, level_start_index, sampling_loca
     return op.CastLike(op.Transpose(out, perm=[0, 2, 1]), value)
 
 
+def onnx_translations() -> dict:
+    """torch.onnx.export's custom_translation_table for our ops: the inference graph has one,
+    multi-scale deformable attention."""
+    return {torch.ops.codetr.ms_deform_attn.default: _onnx_ms_deform_attn}
+
+
 def export_onnx(detector: nn.Module, path: Union[str, Path], image_size: tuple[int, int] = (512, 640),
                 dynamic: bool = False, metadata: Optional[dict] = None):
     """ONNX (opset ONNX_OPSET) of ``InferenceGraph(detector)``, written to ``path`` as one
@@ -186,10 +192,13 @@ def export_onnx(detector: nn.Module, path: Union[str, Path], image_size: tuple[i
     import onnx
 
     program = export_program(detector, image_size, dynamic)
+    # optimize=False: onnxscript 0.7.2's optimizer removed the constant min / max inputs of a
+    # Clip (the clamp in inverse_sigmoid), leaving a graph onnxruntime refuses to load.
+    # onnxruntime folds constants itself when it loads the model.
     onnx_program = torch.onnx.export(
         program, (), dynamo=True, opset_version=ONNX_OPSET, input_names=list(INPUT_NAMES),
         output_names=list(OUTPUT_NAMES), external_data=False,
-        custom_translation_table={torch.ops.codetr.ms_deform_attn.default: _onnx_ms_deform_attn}, optimize=False)
+        custom_translation_table=onnx_translations(), optimize=False)
     model = onnx_program.model_proto
     if metadata is not None:
         entry = model.metadata_props.add()

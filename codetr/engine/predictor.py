@@ -48,10 +48,11 @@ class Predictor:
     ``TestTimeAugmentation`` over either: anything called as
     ``model(images [B, 3, H, W], masks [B, H, W], orig_sizes=[B, 2]) -> B dicts``.
 
-    Padding: a model with ``batch_invariant=True`` gives the same detections alone or in a
-    batch; the official presets' backbones see the padding of larger batch partners, which
-    moves scores slightly (tests/engine/test_predictor.py measures it), as in the official
-    batched evaluation.
+    Padding: a model with our variants ``batch_invariant=True`` and
+    ``encoder_head="agnostic"`` gives the same detections alone or in a batch
+    (tests/engine/test_predictor.py). In the official architecture a larger batch partner's
+    padding reaches the backbone and neck features, and the padded tokens are ranked in the
+    two-stage selection, as in the official batched evaluation; batch_size=1 avoids both.
     """
 
     def __init__(self, model, class_names: list[str], transform, device="cpu", min_score: float = 0.0,

@@ -165,6 +165,23 @@ def test_cli_train_then_eval(data, tmp_path):
         assert len(dets) == 20 and all(0 <= d["score"] <= 1 and len(d["box_xyxy"]) == 4 for d in dets)
         with Image.open(tmp_path / "pred" / f"{im.stem}.png") as drawn, Image.open(im) as orig:
             assert drawn.size == orig.size
+    # a folder, in batches of two, with test-time augmentation; eval with it
+    r = run("predict", "--checkpoint", str(tmp_path / "run" / "last.pt"), str(data["val"]["images_dir"]),
+            "--out", str(tmp_path / "pred_tta"), "--batch-size", "2", "--tta", "--tta-scales", "0.8,1",
+            "--min-score", "0")
+    assert r.returncode == 0, r.stderr
+    assert sorted(f.stem for f in (tmp_path / "pred_tta").glob("*.json")) == sorted(
+        f.stem for f in data["val"]["images_dir"].iterdir())
+    r = run("eval", "--checkpoint", str(tmp_path / "run" / "last.pt"), "--json", vj, "--images", vi, "--tta",
+            "--tta-merge", "vote")
+    assert r.returncode == 0 and "AP50" in r.stdout, r.stderr
+    r = run("predict", "--checkpoint", str(tmp_path / "run" / "last.pt"), str(tmp_path), "--out",
+            str(tmp_path / "pred"), "--batch-size", "0")
+    assert r.returncode == 2 and "--batch-size: expected >= 1, got 0" in r.stderr
+    (tmp_path / "empty").mkdir()
+    r = run("predict", "--checkpoint", str(tmp_path / "run" / "last.pt"), str(tmp_path / "empty"), "--out",
+            str(tmp_path / "pred"))
+    assert r.returncode == 2 and "empty: no images (.jpg" in r.stderr
     (tmp_path / "bad.png").write_bytes(b"not an image")
     r = run("predict", "--checkpoint", str(tmp_path / "run" / "last.pt"), str(tmp_path / "bad.png"), "--out",
             str(tmp_path / "pred"))
