@@ -29,14 +29,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from codetr.box_ops import box_cxcywh_to_xyxy
 from codetr.models.detector import image_sizes as unpadded_sizes
 
 INPUT_NAMES = ("images", "image_sizes", "orig_sizes")
 OUTPUT_NAMES = ("boxes", "scores", "labels")
 FORMATS = ("onnx", "torch-export")
-# The smallest side a dynamic export accepts: a stride-64 level of at least one cell with
-# as many encoder tokens as queries needs ~128 px (see ``export_program``).
+# The smallest side of a dynamic export's inputs: at 128 x 128 the four levels (strides
+# 8..64) hold 340 tokens, so the two-stage selection of 300 queries is always a full top-k
+# (the traced graph assumes it).
 MIN_SIDE = 128
 
 
@@ -59,14 +59,7 @@ class InferenceGraph(nn.Module):
     def forward(self, images: torch.Tensor, image_sizes: torch.Tensor, orig_sizes: torch.Tensor):
         masks = padding_masks(image_sizes, images.shape[-2], images.shape[-1])
         outputs = self.detector.detect(self.detector.encode(images, masks))
-        logits, boxes = outputs["pred_logits"].float(), outputs["pred_boxes"].float()
-        B, Q, C = logits.shape
-        # As DeformableDETRPP.postprocess, on stacked tensors.
-        scores, idx = logits.sigmoid().flatten(1).topk(min(self.detector.num_detections, Q * C), dim=1)
-        qidx, labels = idx // C, idx % C
-        xyxy = box_cxcywh_to_xyxy(boxes).gather(1, qidx[..., None].expand(-1, -1, 4)).clamp(0, 1)
-        h, w = orig_sizes.float().unbind(-1)
-        return xyxy * torch.stack((w, h, w, h), -1)[:, None], scores, labels
+        return self.detector.detections(outputs, orig_sizes)
 
 
 def check_graph_inputs(images, image_sizes, orig_sizes) -> None:
@@ -136,8 +129,7 @@ def _onnx_ms_deform_attn(value, spatial_shapes, level_start_index, sampling_loca
     _, _, M, D = value.shape
     _, _, _, L, P, _ = sampling_locations.shape
     M, D, L, P = int(M), int(D), int(L), int(P)
-    value_shape = op.Shape(value)
-    N, S = op.Shape(value, start=0, end=1), op.Shape(value, start=1, end=2)
+    N = op.Shape(value, start=0, end=1)
     Q = op.Shape(sampling_locations, start=1, end=2)
     one = op.Constant(value_ints=[1])
     NM = op.Mul(N, op.Constant(value_ints=[M]))

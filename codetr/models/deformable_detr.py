@@ -300,13 +300,17 @@ class DeformableDETRPP(nn.Module):
     def postprocess(self, outputs: dict, orig_sizes: torch.Tensor) -> list[dict]:
         """Sigmoid scores, top-N over queries x classes (a query may give several labels), no
         NMS; boxes clamped to the image (as the official) and scaled to orig_sizes [B, 2]
-        (h, w)."""
+        (h, w). B dicts of ``detections``' rows."""
+        boxes, scores, labels = self.detections(outputs, orig_sizes)
+        return [{"boxes": b, "scores": s, "labels": lab} for b, s, lab in zip(boxes, scores, labels)]
+
+    def detections(self, outputs: dict, orig_sizes: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``postprocess`` on stacked tensors (the exported graph's outputs): boxes [B, N, 4]
+        xyxy pixels, scores [B, N] best first, labels [B, N] int64."""
         logits, boxes = outputs["pred_logits"].float(), outputs["pred_boxes"].float()
         B, Q, C = logits.shape
-        prob = logits.sigmoid().flatten(1)
-        scores, idx = prob.topk(min(self.num_detections, Q * C), dim=1)
+        scores, idx = logits.sigmoid().flatten(1).topk(min(self.num_detections, Q * C), dim=1)
         qidx, labels = idx // C, idx % C
         xyxy = box_cxcywh_to_xyxy(boxes).gather(1, qidx[..., None].expand(-1, -1, 4)).clamp(0, 1)
         h, w = orig_sizes.float().unbind(-1)
-        xyxy = xyxy * torch.stack((w, h, w, h), -1)[:, None]
-        return [{"boxes": b, "scores": s, "labels": lab} for b, s, lab in zip(xyxy, scores, labels)]
+        return xyxy * torch.stack((w, h, w, h), -1)[:, None], scores, labels

@@ -24,7 +24,9 @@ stages (``CoDETR`` in co_detr.py uses nothing else):
 ``group_loss(outputs, targets, num_boxes) -> dict``
     The criterion's per-layer losses with fixed indices: query i is supervised by
     target i (the head's assignment, no Hungarian matching).
-``postprocess(outputs, orig_sizes) -> detections``; ``num_decoder_layers``; ``criterion``.
+``postprocess(outputs, orig_sizes) -> detections``, B dicts; ``detections(outputs,
+orig_sizes)``, the same as stacked tensors (boxes [B, N, 4], scores [B, N], labels [B, N]:
+the exported graph's outputs, codetr/export.py); ``num_decoder_layers``; ``criterion``.
 """
 from __future__ import annotations
 
