@@ -86,6 +86,7 @@ class Predictor:
             model = TestTimeAugmentation(model, size_divisibility=divisibility, **tta)
         return cls(model, class_names, make_transforms(config.data, train=False), device, min_score,
                    batch_size, divisibility, config)
+
     @staticmethod
     def load_image(image: ImageLike) -> Image.Image:
         if isinstance(image, (str, Path)):
