@@ -83,7 +83,9 @@ class TestTimeAugmentation:
             inference model or an ``ExportedDetector``).
         scales: view sizes relative to the input (1.0: as given; 0.8 and 1.2 shrink and grow
             both sides), each view resized bilinearly from the eval-transformed image.
-        flip: also each scale mirrored left-right (its boxes mirrored back).
+        flip: also each scale mirrored left-right (its boxes mirrored back). With one scale
+            and no flip only the merge runs, on the detector's own detections (how much of a
+            gain is the merge's: benchmarks/bccd_tta.py).
         merge: "wbf" (weighted box fusion) or "vote" (NMS + box voting).
         iou_threshold: the merge's IoU threshold.
         num_detections: detections kept per image after the merge (default: the most any
@@ -99,8 +101,6 @@ class TestTimeAugmentation:
             raise ValueError(f"scales: expected factors in (0, 4], got {scales!r}")
         if merge not in MERGERS:
             raise ValueError(f"merge: expected one of {sorted(MERGERS)}, got {merge!r}")
-        if len(scales) == 1 and not flip:
-            raise ValueError("test-time augmentation needs a flip or more than one scale")
         self.detector, self.scales, self.flip = detector, tuple(float(s) for s in scales), flip
         self.merge, self.iou_threshold, self.num_detections = merge, iou_threshold, num_detections
         self.size_divisibility, self.max_batch = size_divisibility, max_batch

@@ -101,5 +101,3 @@ def test_bad_options_are_named():
         T.TestTimeAugmentation(_BrightRegion(), scales=(0,))
     with pytest.raises(ValueError, match="merge: expected one of"):
         T.TestTimeAugmentation(_BrightRegion(), merge="nms")
-    with pytest.raises(ValueError, match="needs a flip or more than one scale"):
-        T.TestTimeAugmentation(_BrightRegion(), scales=(1.0,), flip=False)
