@@ -352,8 +352,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--tta", action="store_true", help="test-time augmentation: horizontal flip x --tta-scales, "
                                                           "detections merged by --tta-merge")
         p.add_argument("--tta-scales", default="1", help="comma-separated view sizes relative to the eval size")
-        p.add_argument("--tta-merge", choices=["wbf", "vote"], default="wbf",
-                       help="weighted box fusion, or NMS + box voting")
+        p.add_argument("--tta-merge", choices=["vote", "wbf"], default="vote",
+                       help="NMS + box voting, or weighted box fusion")
 
     checkpoint_help = "a training checkpoint (.pt) or an exported model (.onnx, .pt2)"
     p = sub.add_parser("eval", help="COCO evaluation of a checkpoint")
