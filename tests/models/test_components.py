@@ -44,7 +44,8 @@ def test_channel_mapper_levels():
 
 def _memory(memory, shapes, vr):
     start = torch.cat((shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]))
-    return Memory(memory, torch.zeros(memory.shape[:2], dtype=torch.bool), shapes, start, vr)
+    return Memory(memory, torch.zeros(memory.shape[:2], dtype=torch.bool), tuple(map(tuple, shapes.tolist())),
+                  shapes, start, vr)
 
 
 @pytest.mark.parametrize("dynamic", [False, True])
