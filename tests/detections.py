@@ -1,6 +1,24 @@
 """Comparing two detectors' outputs (exported vs eager, batched vs alone)."""
 import torch
 
+from codetr.config import build_detector
+
+
+def random_detector(preset: str, **overrides) -> torch.nn.Module:
+    """A preset's inference model (3 classes) with random weights, off the structured init
+    (so that a wrongly computed op changes the output), and one content query shared by all
+    queries. The encoder's top-k scores of random weights lie ~1e-6 apart, so float rounding
+    alone (another runtime, another padding) reorders the selected proposals; with equal
+    content queries the decoder is then only permuted (its self-attention is
+    permutation-equivariant) and the detections are the same set."""
+    torch.manual_seed(0)
+    detector = build_detector(preset, 3, **{"backbone.pretrained": False, **overrides}).eval()
+    with torch.no_grad():
+        for p in detector.parameters():
+            p.add_(torch.randn_like(p), alpha=0.02)
+        detector.query_content.weight.copy_(detector.query_content.weight[:1].clone())
+    return detector
+
 
 def assert_same_detections(expected: dict, got: dict, box_atol=1e-3, score_atol=1e-4) -> None:
     """The same detections: each expected one has an unused counterpart with its label, its

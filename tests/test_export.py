@@ -12,11 +12,10 @@ import torch
 from PIL import Image
 
 from codetr import export as E
-from codetr.config import build_detector
 from codetr.data import collate
 from codetr.data.transforms import Compose, Normalize, RandomResize, ToTensor
 from codetr.ops import ms_deform_attn
-from detections import assert_same_detections
+from detections import assert_same_detections, random_detector
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -67,22 +66,6 @@ def test_onnx_lowering_of_ms_deform_attn_matches_the_op_at_every_size(tmp_path):
 
 # ------------------------------------------------------------------ exported vs eager detectors
 
-def _random_detector(preset: str) -> torch.nn.Module:
-    """A preset's inference model with random weights, off the structured init (so that a
-    wrongly lowered op changes the output), and one content query shared by all queries.
-    The encoder's top-k scores of random weights lie ~1e-6 apart, so float rounding alone
-    reorders the selected proposals; with equal content queries the decoder is then only
-    permuted (its self-attention is permutation-equivariant) and the detections are the same
-    set."""
-    torch.manual_seed(0)
-    detector = build_detector(preset, 3, **{"backbone.pretrained": False}).eval()
-    with torch.no_grad():
-        for p in detector.parameters():
-            p.add_(torch.randn_like(p), alpha=0.02)
-        detector.query_content.weight.copy_(detector.query_content.weight[:1].clone())
-    return detector
-
-
 def _batch(shared_data, items):
     """BCCD images, each resized as the eval transform does to (short side, long side max):
     ``items`` [(file name, short, long)] -> (images, masks) padded to a multiple of 32."""
@@ -103,7 +86,7 @@ def exported(request, tmp_path_factory):
     """(eager detector, {format: ExportedDetector}) of one preset, exported with dynamic
     batch and image size."""
     torch.set_num_threads(1)
-    detector = _random_detector(request.param)
+    detector = random_detector(request.param)
     out = tmp_path_factory.mktemp(request.param)
     files = {"onnx": out / "model.onnx", "torch-export": out / "model.pt2"}
     runners = {}
@@ -134,7 +117,7 @@ def test_exported_model_gives_the_eager_detections(exported, fmt, shared_data):
 def test_fixed_size_export_pads_its_inputs(shared_data, tmp_path):
     """An export for one padded size takes any smaller batch (padded to it) and gives the
     eager detections on the same padded input; a larger input is refused by name."""
-    detector = _random_detector("deformable_detr_pp_lite0")
+    detector = random_detector("deformable_detr_pp_lite0")
     path = E.export_file(detector, tmp_path / "fixed.onnx", "onnx", ["RBC", "WBC", "Platelets"], (352, 448))
     runner = E.ExportedDetector(path)
     assert runner.image_size == (352, 448)
@@ -186,7 +169,7 @@ def test_export_cli_writes_files_that_predict_and_eval_run(tmp_path, shared_data
     from codetr.engine.predictor import Predictor
 
     torch.set_num_threads(1)
-    detector = _random_detector("deformable_detr_pp_lite0")
+    detector = random_detector("deformable_detr_pp_lite0")
     ckpt = _checkpoint(tmp_path, detector)
     out = tmp_path / "model.onnx"
     assert main(["export", "--checkpoint", ckpt, "--format", "onnx", "--out", str(out), "--dynamic"]) == 0

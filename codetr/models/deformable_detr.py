@@ -177,8 +177,9 @@ class DeformableDETRPP(nn.Module):
             shapes.append((f.shape[-2], f.shape[-1]))
         valid_ratios = torch.stack([self._valid_ratio(mask_to(masks, f)) for f in feats], 1)
         src, pos, pad = torch.cat(srcs, 1), torch.cat(poss, 1), torch.cat(pads, 1)
-        memory = self.encoder(src, pos, shapes, valid_ratios, pad)
-        return Memory(memory, pad, tuple(shapes), *level_index(shapes, images.device), valid_ratios)
+        spatial_shapes, level_start_index = level_index(shapes, images.device)
+        memory = self.encoder(src, pos, shapes, spatial_shapes, level_start_index, valid_ratios, pad)
+        return Memory(memory, pad, tuple(shapes), spatial_shapes, level_start_index, valid_ratios)
 
     @staticmethod
     def _valid_ratio(mask: torch.Tensor) -> torch.Tensor:

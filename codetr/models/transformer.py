@@ -11,7 +11,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .detector import Memory
-from .ms_deform_attn import MSDeformAttn, level_index
+from .ms_deform_attn import MSDeformAttn
 from .position_encoding import coord_sine_embed
 
 
@@ -144,6 +144,7 @@ class DeformableEncoder(nn.Module):
     """Args: d_model, num_layers, dim_ff (FFN hidden size), n_levels, n_heads, n_points, dropout.
 
     ``forward(src [B, S, C], pos [B, S, C], shapes (L pairs of ints (H_l, W_l)),
+    spatial_shapes [L, 2] and level_start_index [L] (the same as tensors, ``level_index``),
     valid_ratios [B, L, 2] (w, h fraction of each level that is not padding),
     padding_mask [B, S])`` -> memory ``[B, S, C]``.
     """
@@ -169,9 +170,8 @@ class DeformableEncoder(nn.Module):
         refs = torch.cat(refs, 1)
         return refs[:, :, None] * valid_ratios[:, None]
 
-    def forward(self, src, pos, shapes, valid_ratios, padding_mask):
+    def forward(self, src, pos, shapes, spatial_shapes, level_start_index, valid_ratios, padding_mask):
         ref = self.reference_points(shapes, valid_ratios).to(src.dtype)
-        spatial_shapes, level_start_index = level_index(shapes, src.device)
         for layer in self.layers:
             src = layer(src, pos, ref, spatial_shapes, level_start_index, padding_mask)
         return src

@@ -3,10 +3,9 @@ import pytest
 import torch
 from PIL import Image
 
-from codetr.config import build_detector
 from codetr.data.transforms import Compose, Normalize, RandomResize, ToTensor
 from codetr.engine.predictor import Predictor
-from detections import assert_same_detections
+from detections import assert_same_detections, random_detector
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,14 +23,8 @@ def test_batched_prediction_equals_one_image_at_a_time(images):
     """With our variants batch_invariant=True (features zeroed on padding) and
     encoder_head="agnostic" (padded tokens never selected), a batch's padding changes
     nothing: batches of 2 and 3 give each image's detections alone. (One content query for
-    all: see tests/test_export.py, float rounding reorders near-equal random scores.)"""
-    torch.manual_seed(0)
-    detector = build_detector("deformable_detr_pp_lite0", 3, batch_invariant=True, encoder_head="agnostic",
-                              **{"backbone.pretrained": False}).eval()
-    with torch.no_grad():
-        for p in detector.parameters():
-            p.add_(torch.randn_like(p), alpha=0.02)
-        detector.query_content.weight.copy_(detector.query_content.weight[:1].clone())
+    all: see random_detector.)"""
+    detector = random_detector("deformable_detr_pp_lite0", batch_invariant=True, encoder_head="agnostic")
     transform = Compose([RandomResize([384], max_size=512), ToTensor(), Normalize()])
     alone = Predictor(detector, ["RBC", "WBC", "Platelets"], transform, size_divisibility=32)
     expected = [alone.predict(im) for im in images]
